@@ -1,0 +1,33 @@
+# Install into the active Python environment (a venv or conda env is recommended).
+PYTHON ?= python
+# torch/torchvision pins: override for another CUDA/CPU build, e.g. make install TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast train tensorboard lint clean help
+
+help:  ## show the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+
+install:  ## install torch, then this project with its dev tools (editable)
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:  ## the whole test suite (offline, CPU only)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast:  ## skip the slow end-to-end tests
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+train:  ## the offline quick start
+	$(PYTHON) train.py experiment=quickstart
+
+tensorboard:  ## open TensorBoard on every run
+	tensorboard --logdir outputs
+
+lint:  ## ruff
+	$(PYTHON) -m ruff check src tests benchmarks
+
+clean:  ## remove run outputs and caches (keeps data/)
+	rm -rf outputs/20* outputs/multirun .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

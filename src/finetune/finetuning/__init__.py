@@ -1,0 +1,1 @@
+"""How much of the pretrained network trains, and at what learning rate."""

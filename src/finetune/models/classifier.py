@@ -1,0 +1,132 @@
+"""The LightningModule: a pretrained backbone, a new head sized to the data, metrics and optimizer."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune.data.transforms import Preprocessing
+from finetune.finetuning.param_groups import param_groups
+from finetune.models.backbones import create_backbone
+
+
+def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class ImageClassifier(L.LightningModule):
+    """`backbone` (pretrained, classifier removed) followed by `head` (new, sized to the data).
+
+    Everything needed to rebuild the model (architecture, class names, preprocessing) is a
+    hyperparameter, so a checkpoint alone is enough for eval, predict and export.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        weights: str | None = "DEFAULT",
+        num_classes: int = 1000,
+        class_names: Sequence[str] | None = None,
+        optimizer: partial | None = None,
+        scheduler: partial | None = None,
+        scheduler_interval: str = "epoch",
+        head_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        head_lr_mult: float = 1.0,
+        layer_decay: float | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+        self.save_hyperparameters(logger=False)
+        backbone = create_backbone(name, weights)
+        self.backbone = backbone.module
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.num_features, num_classes))
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self.set_preprocessing(
+            Preprocessing.from_dict(preprocessing) if preprocessing else backbone.preprocessing
+        )
+        self.train_metrics = _metrics(num_classes, "train/")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+        self.val_acc_best = MaxMetric()
+
+    # --- model ------------------------------------------------------------------------------
+    def set_preprocessing(self, p: Preprocessing) -> None:
+        """Record the preprocessing actually used, so the checkpoint carries it."""
+        self.preprocessing = p
+        self.hparams["preprocessing"] = p.as_dict()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        """BatchNorm layers whose parameters are frozen also keep their running statistics."""
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                params = list(module.parameters(recurse=False))
+                if isinstance(module, _BatchNorm) and params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+    # --- steps --------------------------------------------------------------------------------
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits, targets)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=-1)
+
+    # --- optimization ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer_factory = self.hparams.optimizer or partial(torch.optim.Adam, lr=1e-3)
+        groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay)
+        optimizer = optimizer_factory(params=groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group["lr_mult"]
+        if self.hparams.scheduler is None:
+            return optimizer
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": "val/loss",
+            },
+        }

@@ -1,0 +1,65 @@
+"""`python train.py ...`: compose the config, fit, then test the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from finetune.runtime import (
+    instantiate_all, log_hyperparameters, print_metrics, user_errors_as_one_line,
+)
+
+log = logging.getLogger("finetune")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test as `cfg` says; returns the final metrics (the sweeper's objective among them)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(
+        cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
+    )
+    model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
+
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    finetune_cb = hydra.utils.instantiate(cfg.finetune.callback) if cfg.get("finetune") else None
+    if finetune_cb is not None:
+        callbacks.append(finetune_cb)
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_hyperparameters(cfg, loggers)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        if best:
+            log.info("best checkpoint: %s", best)
+    if trainer.is_global_zero:
+        print_metrics("final metrics", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Backbone factory, weights sources and the head: offline, on random or pre-cached weights."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torchvision
+
+from finetune.errors import FinetuneError
+from finetune.models import ImageClassifier, create_backbone
+from finetune.models.backbones import preprocessing_of
+from finetune.models.weights import cache_path, fetch_state_dict, torchvision_weights
+
+
+def test_default_weights_load_from_a_prefilled_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    enum = torchvision_weights("resnet18", "DEFAULT")
+    path = cache_path(enum)
+    assert path.parent == tmp_path / "torch" / "hub" / "checkpoints"
+    path.parent.mkdir(parents=True)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), path)
+
+    model = ImageClassifier(name="resnet18", weights="DEFAULT", num_classes=3)
+    loaded = model.backbone.state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(loaded[key], value), key
+    assert model.head[-1].out_features == 3
+
+
+def test_missing_weights_offline_fail_fast_naming_the_cache_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    unreachable = SimpleNamespace(url="http://127.0.0.1:9/resnet18-f37072fd.pth")
+    start = time.monotonic()
+    with pytest.raises(FinetuneError) as info:
+        fetch_state_dict(unreachable)
+    assert time.monotonic() - start < 20
+    message = str(info.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "model.weights=null" in message and "\n" not in message
+
+
+def test_weights_from_a_local_file(tmp_path):
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "mine.pth")
+    backbone = create_backbone("resnet18", str(tmp_path / "mine.pth"))
+    assert torch.equal(backbone.module.conv1.weight, reference.conv1.weight)
+    assert backbone.num_features == 512
+
+
+def test_a_state_dict_of_another_architecture_is_refused(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(FinetuneError, match="does not fit resnet34"):
+        create_backbone("resnet34", str(tmp_path / "r18.pth"))
+
+
+@pytest.mark.parametrize("name, features", [("resnet18", 512), ("mobilenet_v2", 1280), ("resnet50", 2048)])
+def test_head_is_sized_to_the_data(name, features):
+    model = ImageClassifier(name=name, weights=None, num_classes=7)
+    assert model.head[-1].in_features == features
+    out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+
+
+def test_preprocessing_comes_from_the_weights_metadata():
+    p = preprocessing_of(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+    assert (p.crop_size, p.resize_size) == (224, 232)
+    p = preprocessing_of(torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    assert (p.crop_size, p.resize_size) == (224, 256)
+    assert p.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_unknown_model_and_unknown_weights_name():
+    with pytest.raises(FinetuneError, match="unknown model.name=resnet19"):
+        create_backbone("resnet19", None)
+    with pytest.raises(FinetuneError, match="IMAGENET1K_V2") as info:
+        create_backbone("resnet50", "IMAGENET1K_V9")
+    assert "model.weights=IMAGENET1K_V9" in str(info.value)
+    assert str(info.value).count("DEFAULT") == 1
