@@ -1,0 +1,101 @@
+"""Train and eval transforms built from one `Preprocessing` record.
+
+The record comes from the pretrained weights' own metadata (mean, std, sizes, interpolation), so a
+model trained on other statistics is fed what it expects; the data config may override any field.
+It is stored in the checkpoint so that eval, predict and export rebuild the same pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    # RandomResizedCrop's area range for training; (1, 1) keeps the whole image.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    augment: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        return cls(**_normalised({k: v for k, v in values.items() if k in cls.__dataclass_fields__}))
+
+    def override(self, **values: Any) -> "Preprocessing":
+        """A copy with every non-None value replaced; a new crop size rescales the resize size."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if "crop_size" in values and "resize_size" not in values:
+            ratio = self.resize_size / self.crop_size
+            values["resize_size"] = int(round(values["crop_size"] * ratio))
+        return replace(self, **_normalised(values))
+
+
+def _normalised(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    for key in ("mean", "std", "crop_scale"):
+        if key in out:
+            out[key] = tuple(float(x) for x in out[key])
+    for key in ("crop_size", "resize_size"):
+        if key in out:
+            out[key] = int(out[key])
+    return out
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    return InterpolationMode(name.lower())
+
+
+def _to_normalised_tensor(p: Preprocessing) -> list[Any]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(p.mean), std=list(p.std)),
+    ]
+
+
+def train_transform(p: Preprocessing) -> v2.Compose:
+    """RandomResizedCrop + flip when augmenting; otherwise exactly the eval transform."""
+    if not p.augment:
+        return eval_transform(p)
+    steps: list[Any] = [
+        v2.RandomResizedCrop(
+            p.crop_size, scale=p.crop_scale, interpolation=_interpolation(p.interpolation),
+            antialias=True,
+        )
+    ]
+    if p.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_normalised_tensor(p))
+
+
+def eval_transform(p: Preprocessing) -> v2.Compose:
+    """Resize the short side, then center-crop: the standard ImageNet evaluation pipeline."""
+    return v2.Compose(
+        [
+            v2.Resize(p.resize_size, interpolation=_interpolation(p.interpolation), antialias=True),
+            v2.CenterCrop(p.crop_size),
+            *_to_normalised_tensor(p),
+        ]
+    )
+
+
+def denormalise(images: torch.Tensor, p: Preprocessing) -> torch.Tensor:
+    """Undo Normalize for display; returns values clamped to [0, 1]."""
+    mean = torch.tensor(p.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(p.std, device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
