@@ -17,11 +17,8 @@ log = logging.getLogger("finetune")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test as `cfg` says; returns the final metrics (the sweeper's objective among them)."""
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, model and trainer from config; the data decides the head size and class names."""
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(
         cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
@@ -30,12 +27,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
 
     callbacks = instantiate_all(cfg.get("callbacks"))
-    finetune_cb = hydra.utils.instantiate(cfg.finetune.callback) if cfg.get("finetune") else None
-    if finetune_cb is not None:
-        callbacks.append(finetune_cb)
+    if cfg.get("finetune") and cfg.finetune.get("callback"):
+        callbacks.append(hydra.utils.instantiate(cfg.finetune.callback))
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hyperparameters(cfg, loggers)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test as `cfg` says; returns the final metrics (the sweeper's objective among them)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
