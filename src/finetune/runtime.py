@@ -31,8 +31,7 @@ def instantiate_all(section: DictConfig | None) -> list[Any]:
 
 def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], metric: str = "val/acc_best") -> None:
     """The resolved config as hparams, with `metric` registered so TensorBoard's HParams view shows it."""
-    params = OmegaConf.to_container(cfg, resolve=True)
-    params.pop("hydra", None)
+    params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for lg in loggers:
         try:
             lg.log_hyperparams(params, metrics={metric: 0.0})

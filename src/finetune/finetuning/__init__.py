@@ -1,1 +1,7 @@
 """How much of the pretrained network trains, and at what learning rate."""
+
+from finetune.finetuning.feature_cache import FeatureCache
+from finetune.finetuning.param_groups import param_groups
+from finetune.finetuning.strategies import Frozen, Gradual
+
+__all__ = ["FeatureCache", "Frozen", "Gradual", "param_groups"]

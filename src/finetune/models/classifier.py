@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any, Sequence
 
@@ -15,7 +16,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
 from finetune.finetuning.param_groups import param_groups
+from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
+
+log = logging.getLogger("finetune")
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -46,6 +50,8 @@ class ImageClassifier(L.LightningModule):
         head_lr_mult: float = 1.0,
         layer_decay: float | None = None,
         preprocessing: dict[str, Any] | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -62,6 +68,7 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
+        self._set_speed(channels_last, compile)
 
     # --- model ------------------------------------------------------------------------------
     def set_preprocessing(self, p: Preprocessing) -> None:
@@ -69,7 +76,28 @@ class ImageClassifier(L.LightningModule):
         self.preprocessing = p
         self.hparams["preprocessing"] = p.as_dict()
 
+    def _set_speed(self, channels_last: bool | None, compile: bool) -> None:
+        """channels_last (None: for CNNs) and torch.compile; the resolved values go in the
+        hparams, so the run's config and the checkpoint say what actually ran."""
+        self.channels_last = is_convolutional(self.backbone) if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            problem = compile_problem("cuda" if torch.cuda.is_available() else "cpu")
+            if problem:
+                log.warning("model.compile=true ignored: %s", problem)
+                compile = False
+            else:
+                self.backbone.compile()  # in place: the state_dict keys stay the same
+        self.hparams["channels_last"] = self.channels_last
+        self.hparams["compile"] = bool(compile)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images, or for a batch of backbone features (2-D, from the cache)."""
+        if images.dim() == 2:
+            return self.head(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
     def train(self, mode: bool = True) -> "ImageClassifier":

@@ -1,0 +1,86 @@
+"""How much of the backbone trains, as Lightning `BaseFinetuning` callbacks.
+
+`finetune=full` needs no callback (every parameter trains; learning rates come from the module's
+parameter groups). `frozen` and `gradual` freeze the backbone before the optimizer is built, so it
+only ever sees the parameters that train.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch.optim import Optimizer
+
+from finetune.finetuning.feature_cache import FeatureCache
+
+log = logging.getLogger("finetune")
+
+
+class Frozen(BaseFinetuning):
+    """Feature extraction / linear probe: only the head trains.
+
+    BatchNorm layers are frozen too, and the module keeps frozen BatchNorm in eval mode, so the
+    backbone's running statistics stay exactly as pretrained. With a deterministic training
+    transform, backbone features are computed once and the head trains on them (`feature_cache`).
+    """
+
+    def __init__(self, feature_cache: bool | str = "auto", cache_dir: str | None = None) -> None:
+        super().__init__()
+        self.feature_cache = feature_cache
+        self.cache_dir = cache_dir
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        pass
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        datamodule = trainer.datamodule
+        if self.feature_cache is False or datamodule is None:
+            return
+        deterministic = not datamodule.preprocessing.augment
+        if not deterministic:
+            if self.feature_cache == "auto":
+                log.info("feature cache off: the training transform is random (set data.augment=false to use it)")
+                return
+            log.warning("feature cache on with data augmentation: every epoch sees the same augmented view")
+        cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir)
+        datamodule.setup("fit")
+        for split in ("train", "val"):
+            datamodule.datasets[split] = cache.features(datamodule, split)
+
+
+class Gradual(BaseFinetuning):
+    """Train the head alone for `unfreeze_at_epoch` epochs, then the backbone too, slower.
+
+    The backbone joins the optimizer as its own group named "backbone" at `backbone_lr_mult` times
+    the base learning rate, so its curve shows in the learning-rate monitor.
+    """
+
+    def __init__(self, unfreeze_at_epoch: int = 1, backbone_lr_mult: float = 0.1, train_bn: bool = False) -> None:
+        super().__init__()
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.backbone_lr_mult = backbone_lr_mult
+        self.train_bn = train_bn
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if epoch != self.unfreeze_at_epoch:
+            return
+        head = next(g for g in optimizer.param_groups if g.get("name") == "head")
+        base_lr = head.get("initial_lr", head["lr"]) / head.get("lr_mult", 1.0)
+        self.make_trainable(pl_module.backbone)
+        params = self.filter_on_optimizer(
+            optimizer, self.filter_params(pl_module.backbone, train_bn=True, requires_grad=True)
+        )
+        lr = base_lr * self.backbone_lr_mult
+        optimizer.add_param_group(
+            {"params": params, "lr": lr, "initial_lr": lr, "name": "backbone", "lr_mult": self.backbone_lr_mult}
+        )
+        log.info("epoch %d: backbone unfrozen at lr %.3g", epoch, lr)

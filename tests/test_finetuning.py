@@ -1,0 +1,122 @@
+"""Fine-tuning strategies: what trains, what stays bitwise frozen, and at which learning rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from finetune.finetuning import FeatureCache
+from finetune.train import build
+
+TINY = [
+    "data=shapes", "data.train_size=96", "data.val_size=32", "data.test_size=32",
+    "data.image_size=32", "data.resize_size=32", "data.batch_size=16",
+    "model.weights=null", "callbacks.rich_progress_bar=null", "logger=csv",
+    "+trainer.enable_model_summary=false",
+]
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+class Snapshots(L.Callback):
+    """Backbone state at the end of every training epoch, and the optimizer's groups."""
+
+    def __init__(self) -> None:
+        self.backbone: list[dict] = []
+        self.groups: list[list[tuple[str, float]]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.backbone.append(snapshot(pl_module.backbone))
+        self.groups.append([(g.get("name"), g["lr"]) for g in trainer.optimizers[0].param_groups])
+
+
+def test_frozen_keeps_every_backbone_tensor_bitwise(make_cfg):
+    cfg = make_cfg(TINY + ["finetune=frozen", "trainer.max_epochs=2"])
+    dm, model, trainer = build(cfg)
+    backbone, head = snapshot(model.backbone), snapshot(model.head)
+    trainer.fit(model, datamodule=dm)
+    assert changed(backbone, snapshot(model.backbone)) == []  # weights and BN running stats
+    assert any(k.endswith("running_mean") for k in backbone)
+    assert sorted(changed(head, snapshot(model.head))) == ["1.bias", "1.weight"]
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head"]
+
+
+def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
+    cfg = make_cfg(TINY + [
+        "finetune=gradual", "finetune.callback.unfreeze_at_epoch=1",
+        "finetune.callback.backbone_lr_mult=0.1", "trainer.max_epochs=2",
+        "model.optimizer.lr=0.01",
+    ])
+    dm, model, trainer = build(cfg)
+    spy = Snapshots()
+    trainer.callbacks.append(spy)
+    start = snapshot(model.backbone)
+    trainer.fit(model, datamodule=dm)
+    assert changed(start, spy.backbone[0]) == []
+    assert len(changed(spy.backbone[0], spy.backbone[1])) > 10
+    assert spy.groups[0] == [("head", 0.01)]
+    assert spy.groups[1] == [("head", 0.01), ("backbone", pytest.approx(0.001))]
+
+
+def test_head_lr_mult_and_layer_decay_set_group_learning_rates(make_cfg):
+    cfg = make_cfg(TINY + ["finetune=full", "model.head_lr_mult=10", "model.optimizer.lr=5e-5"])
+    _, model, _ = build(cfg)
+    groups = {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups}
+    assert groups == {"backbone": pytest.approx(5e-5), "head": pytest.approx(5e-4)}
+
+    cfg = make_cfg(TINY + ["finetune=full", "model.layer_decay=0.5", "model.optimizer.lr=1e-3"])
+    _, model, _ = build(cfg)
+    lrs = {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups}
+    assert lrs["head"] == pytest.approx(1e-3)
+    assert lrs["backbone.layer4"] == pytest.approx(1e-3)
+    assert lrs["backbone.layer3"] == pytest.approx(5e-4)
+    assert lrs["backbone.conv1"] == pytest.approx(1e-3 * 0.5 ** 5)
+
+
+def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg, tmp_path):
+    cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false"])
+    dm, model, trainer = build(cfg)
+    trainer.strategy.connect(model)
+    dm.setup("fit")
+    model.eval()
+    images, _ = next(iter(DataLoader(dm.datasets["train"], batch_size=8)))
+
+    cache = FeatureCache(model.backbone, trainer, str(tmp_path / "cache"))
+    features = cache.features(dm, "train")
+    with torch.no_grad():
+        assert torch.allclose(model(features.tensors[0][:8]), model(images), atol=1e-5)
+    first = cache.path_for(dm.datasets["train"], "train")
+    assert first.exists()
+
+    # Same transform: the file is reused. New transform: a new key, so a rebuild.
+    again = FeatureCache(model.backbone, trainer, str(tmp_path / "cache")).features(dm, "train")
+    assert torch.equal(again.tensors[0], features.tensors[0])
+    dm.overrides["crop_size"] = dm.overrides["resize_size"] = 24
+    dm.adopt(model.preprocessing)
+    dm.setup("fit")
+    second = cache.path_for(dm.datasets["train"], "train")
+    assert second != first
+    rebuilt = cache.features(dm, "train")
+    assert second.exists() and rebuilt.tensors[0].shape == features.tensors[0].shape
+
+
+def test_frozen_training_uses_the_cache_when_the_transform_is_deterministic(make_cfg):
+    cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "trainer.max_epochs=2"])
+    dm, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=dm)
+    assert isinstance(dm.datasets["train"], torch.utils.data.TensorDataset)
+    cached = sorted(p.name.split("-")[0] for p in (Path(cfg.paths.data_dir) / "feature_cache").iterdir())
+    assert cached == ["train", "val"]
+    # Test still runs the whole network on images.
+    trainer.test(model, datamodule=dm)
+    assert 0.0 <= trainer.callback_metrics["test/acc"] <= 1.0
