@@ -15,6 +15,7 @@ fix. Every file is read with `weights_only=True`.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import urllib.error
 from contextlib import contextmanager
@@ -172,7 +173,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FinetuneError(
+            f"model.weights={path} holds pickled objects besides tensors, which are not loaded "
+            "(weights_only); save just the tensors: torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
