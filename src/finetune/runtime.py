@@ -6,18 +6,20 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from lightning import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.table import Table
 
 from finetune.errors import FinetuneError, find_user_error
+from finetune.hardware import resolve_precision
 
 log = logging.getLogger("finetune")
 
@@ -27,6 +29,36 @@ def instantiate_all(section: DictConfig | None) -> list[Any]:
     if not section:
         return []
     return [hydra.utils.instantiate(c) for c in section.values() if c is not None and "_target_" in c]
+
+
+def resolve_speed_settings(cfg: DictConfig, model: Any | None = None) -> None:
+    """Replace `trainer.precision=auto` with the machine's best choice and copy the model's
+    resolved channels_last/compile into `cfg`, so the printed, logged and saved config all say
+    what actually runs. Call before the Trainer is built."""
+    with open_dict(cfg):
+        if cfg.get("trainer") is not None:
+            precision, why = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+            cfg.trainer.precision = precision
+            log.info("precision: %s (%s)", precision, why)
+        if model is not None and cfg.get("model") is not None:
+            for key in ("channels_last", "compile"):
+                if key in model.hparams:
+                    cfg.model[key] = bool(model.hparams[key])
+            log.info("channels_last: %s | compile: %s", cfg.model.get("channels_last"), cfg.model.get("compile"))
+    _resave_run_config(cfg)
+
+
+def _resave_run_config(cfg: DictConfig) -> None:
+    """Hydra saved the run's config before these values were known; save it again."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return
+    if not hc.output_subdir or not hc.runtime.output_dir:
+        return
+    path = Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml"
+    if path.exists():
+        OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), path)
 
 
 def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], metric: str = "val/acc_best") -> None:

@@ -10,7 +10,8 @@ import lightning as L
 from omegaconf import DictConfig
 
 from finetune.runtime import (
-    instantiate_all, log_hyperparameters, print_metrics, user_errors_as_one_line,
+    instantiate_all, log_hyperparameters, print_metrics, resolve_speed_settings,
+    user_errors_as_one_line,
 )
 
 log = logging.getLogger("finetune")
@@ -25,6 +26,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
     log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
+    resolve_speed_settings(cfg, model)
 
     callbacks = instantiate_all(cfg.get("callbacks"))
     if cfg.get("finetune") and cfg.finetune.get("callback"):
