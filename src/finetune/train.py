@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from finetune.distributed import one_run_for_all_ranks
 from finetune.runtime import (
     instantiate_all, log_hyperparameters, print_metrics, resolve_speed_settings,
     user_errors_as_one_line,
@@ -56,13 +58,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
     if trainer.is_global_zero:
         print_metrics("final metrics", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+        # The sweep summary (finetune.sweep_summary) reads this.
+        Path(cfg.paths.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with one_run_for_all_ranks():
+        metrics = train(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 

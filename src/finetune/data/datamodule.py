@@ -10,6 +10,7 @@ from typing import Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.data.transforms import Preprocessing, eval_transform, train_transform
@@ -105,11 +106,22 @@ class ImageDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=None if split == "train" else self._eval_sampler(dataset),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             # A last batch of one image breaks BatchNorm in training mode.
             drop_last=shuffle and len(dataset) > batch_size,
+        )
+
+    def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each val/test image on exactly one rank. Lightning's default sampler repeats
+        images to even out the ranks, and the repeats would count twice in the accuracy."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:
