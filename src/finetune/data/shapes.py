@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -98,11 +99,13 @@ def write_image_folder(
     size: int = 64,
     seed: int = 0,
     suffix: str = ".png",
+    classes: Sequence[str] = tuple(CLASSES),
 ) -> Path:
     """Write shapes as an ImageFolder tree (root/<split>/<class>/NNNN<suffix>) for tests and demos."""
     root = Path(root)
     for split, n in per_class.items():
-        for label, name in enumerate(CLASSES):
+        for name in classes:
+            label = CLASSES.index(name)
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
