@@ -43,6 +43,9 @@ class CIFAR10DataModule(ImageDataModule):
                 "or point data.root at the folder holding cifar-10-batches-py/"
             ) from None
 
+    def source_size(self) -> int:
+        return 32
+
     def make_split(self, split: str, transform) -> Dataset | None:
         if split == "val":
             return None

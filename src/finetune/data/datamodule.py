@@ -6,21 +6,42 @@ Subclasses only say where the images come from (`classes`, `prepare_data`, `make
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from finetune.data.transforms import Preprocessing, eval_transform, train_transform
+from finetune.data.transforms import (
+    BatchResize, Preprocessing, eval_transform, native_eval_transform, native_train_transform,
+    train_transform,
+)
 
 SPLITS = ("train", "val", "test")
 
 
+def available_cpus() -> int:
+    """CPUs this process may use (a container's or taskset's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """Leave one core to the training process; never more than 8 workers."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, available_cpus() - 1))
+
+
+def default_pin_memory() -> bool:
+    """Pinned host memory only pays for copies to a CUDA device."""
+    return torch.cuda.is_available()
+
+
+def upsample_on_device(source_size: int | None, crop_size: int) -> bool:
+    """Tiny sources (at most half the crop size, e.g. CIFAR-10's 32 pixels fed at 224)."""
+    return source_size is not None and 2 * source_size <= crop_size
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -34,8 +55,10 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        resize_on_device: bool | None = None,
         image_size: int | None = None,
         resize_size: int | None = None,
         mean: Sequence[float] | None = None,
@@ -51,7 +74,10 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.resize_on_device = resize_on_device
+        self.batch_transform: BatchResize | None = None
         self.persistent_workers = persistent_workers
         self.overrides = dict(
             crop_size=image_size, resize_size=resize_size, mean=mean, std=std,
@@ -71,6 +97,10 @@ class ImageDataModule(L.LightningDataModule):
         """The data set for `split` with `transform` applied; None when the source has no such split."""
         raise NotImplementedError
 
+    def source_size(self) -> int | None:
+        """The longest side of the source images when known and uniform-ish, else None."""
+        return None
+
     # --- shared -------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
@@ -87,6 +117,14 @@ class ImageDataModule(L.LightningDataModule):
             return
         p = self.preprocessing
         train_tf, eval_tf = train_transform(p), eval_transform(p)
+        self.batch_transform = None
+        on_device = self.resize_on_device
+        if on_device is None:
+            on_device = upsample_on_device(self.source_size(), p.crop_size)
+        if on_device:
+            native = self.source_size() or p.crop_size
+            train_tf, eval_tf = native_train_transform(p, native), native_eval_transform(p, native)
+            self.batch_transform = BatchResize(p)
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
             train, val = self._split_off_val(train, self.make_split("train", eval_tf))
@@ -110,9 +148,20 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             # A last batch of one image breaks BatchNorm in training mode.
             drop_last=shuffle and len(dataset) > batch_size,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Tiny sources arrive as uint8 at their own size; resize and normalise the whole batch here.
+
+        Code that iterates the loaders itself (not through the Trainer) calls this too.
+        """
+        if self.batch_transform is None:
+            return batch
+        images, *rest = batch
+        return (self.batch_transform(images), *rest)
 
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP, each val/test image on exactly one rank. Lightning's default sampler repeats

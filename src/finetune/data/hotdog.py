@@ -53,3 +53,4 @@ class HotdogDataModule(FolderDataModule):
         found = check_tree(self.root)
         if found != CLASSES:
             raise FinetuneError(f"{self.root} holds classes {found}, expected {CLASSES}; delete it and retry")
+        super().prepare_data()  # the shrunk copy, with data.cache=true

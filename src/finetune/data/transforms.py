@@ -99,3 +99,55 @@ def denormalise(images: torch.Tensor, p: Preprocessing) -> torch.Tensor:
     mean = torch.tensor(p.mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(p.std, device=images.device).view(1, -1, 1, 1)
     return (images * std + mean).clamp(0, 1)
+
+
+# --- tiny sources (CIFAR-10 at 224): per image at native size, upsampled per batch -------------
+def native_train_transform(p: Preprocessing, native_size: int) -> v2.Compose:
+    """The train transform at the source's own size, as uint8; `BatchResize` makes it `crop_size`.
+
+    Upsampling a 32-pixel image to 224 in Pillow, then normalising 150,000 floats, costs more
+    per image than the crop itself; on the batch (on the device) it is one vectorised call.
+    """
+    if not p.augment:
+        return native_eval_transform(p, native_size)
+    steps: list[Any] = [
+        v2.RandomResizedCrop(
+            native_size, scale=p.crop_scale, interpolation=_interpolation(p.interpolation), antialias=True
+        )
+    ]
+    if p.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + [v2.ToImage()])
+
+
+def native_eval_transform(p: Preprocessing, native_size: int) -> v2.Compose:
+    """Resize + center-crop scaled down to the source's size (the same fraction of the image)."""
+    crop = max(1, round(native_size * p.crop_size / p.resize_size))
+    return v2.Compose(
+        [
+            v2.Resize(native_size, interpolation=_interpolation(p.interpolation), antialias=True),
+            v2.CenterCrop(crop),
+            v2.ToImage(),
+        ]
+    )
+
+
+class BatchResize:
+    """uint8 batch (N, C, h, w) -> normalised float (N, C, crop, crop), channels_last, on its device."""
+
+    def __init__(self, p: Preprocessing) -> None:
+        self.size = (p.crop_size, p.crop_size)
+        self.mode = p.interpolation if p.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+        self.mean = torch.tensor(p.mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(p.std).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.contiguous(memory_format=torch.channels_last)
+        if x.shape[-2:] != self.size:
+            # On uint8, antialias=True selects the vectorised (Pillow-equivalent) kernel; for
+            # upsampling it gives plain bilinear/bicubic. CUDA has no uint8 path: go float first.
+            if x.device.type != "cpu" or self.mode == "nearest":
+                x = x.float()
+            kwargs = {} if self.mode == "nearest" else {"antialias": True, "align_corners": False}
+            x = torch.nn.functional.interpolate(x, size=self.size, mode=self.mode, **kwargs)
+        return x.float().sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
