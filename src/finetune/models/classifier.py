@@ -117,7 +117,9 @@ class ImageClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits, targets)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        # Val/test loss averaged over DDP ranks: a scheduler monitoring val/loss must see one value.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+                 batch_size=len(targets), sync_dist=not on_step)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
@@ -131,7 +133,7 @@ class ImageClassifier(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.val_acc_best.update(self.val_metrics["acc"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, self.test_metrics, "test")
