@@ -111,23 +111,30 @@ class ImageClassifier(L.LightningModule):
         return self
 
     # --- steps --------------------------------------------------------------------------------
-    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: Any, metrics: MetricCollection, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits); training also logs per-step accuracy, so metrics run forward, not update."""
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        metrics.update(logits, targets)
         on_step = stage == "train"
+        if on_step:
+            metrics(logits, targets)
+        else:
+            metrics.update(logits, targets)
         # Val/test loss averaged over DDP ranks: a scheduler monitoring val/loss must see one value.
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(targets), sync_dist=not on_step)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        return loss
+        self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        return loss, logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.train_metrics, "train")
+        return self._shared_step(batch, self.train_metrics, "train")[0]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, self.val_metrics, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The logits reach callbacks (prediction grid) as `outputs`, saving them a forward pass."""
+        return self._shared_step(batch, self.val_metrics, "val")[1]
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -135,8 +142,9 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_best.update(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, self.test_metrics, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The logits reach callbacks (confusion matrix, top losses) as `outputs`."""
+        return self._shared_step(batch, self.test_metrics, "test")[1]
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
