@@ -1,0 +1,66 @@
+"""Arbitrary files to predict on: any of them may turn out not to be a readable image.
+
+A bad file must not stop a batch of thousands, so reading happens in the dataset (in the loader
+workers) and a failure travels with the batch as a (path, reason) pair instead of an exception.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import default_loader
+
+from finetune.errors import FinetuneError
+
+# What PIL and the transform raise for a file that is not a usable image.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, RuntimeError)
+
+
+def find_files(path: str | Path) -> list[Path]:
+    """`path` itself if it is a file, else every non-hidden file below it, sorted."""
+    root = Path(str(path)).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FinetuneError(f"input={root} does not exist; pass input=FILE_OR_DIR with the images to predict")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise FinetuneError(f"input={root} holds no files; pass input=FILE_OR_DIR with the images to predict")
+    return files
+
+
+class ImageFiles(Dataset):
+    """`files` through `transform` (which must give `shape`); `collate` makes
+    (images, paths, skipped) batches where skipped lists (path, reason) for unreadable files."""
+
+    def __init__(self, files: list[Path], transform: Callable[[Any], torch.Tensor],
+                 shape: tuple[int, int, int]) -> None:
+        self.files, self.transform, self.shape = files, transform, shape
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
+        path = str(self.files[index])
+        try:
+            image = self.transform(default_loader(path))
+        except UnidentifiedImageError:
+            return path, None, "not an image (PIL cannot identify the format)"
+        except _UNREADABLE as e:
+            return path, None, " ".join(str(e).split()) or type(e).__name__
+        if tuple(image.shape) != self.shape:
+            return path, None, f"transformed to shape {tuple(image.shape)}, expected {self.shape}"
+        return path, image, ""
+
+    def collate(self, items: list[tuple[str, torch.Tensor | None, str]]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+        good = [(path, image) for path, image, _ in items if image is not None]
+        skipped = [(path, reason) for path, image, reason in items if image is None]
+        images = torch.stack([image for _, image in good]) if good else torch.empty(0, *self.shape)
+        return images, [path for path, _ in good], skipped

@@ -1,0 +1,105 @@
+"""`python eval.py ckpt_path=PATH [data=...]`: test a checkpoint and show which classes it confuses.
+
+The model, its class names and its transforms come from the checkpoint alone. Without `data=...`
+the training run's own data config (saved by Hydra next to the checkpoint) is used, so the same
+test split is evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from finetune.callbacks import ConfusionMatrix
+from finetune.errors import FinetuneError
+from finetune.models.checkpoint import load_classifier
+from finetune.runtime import (
+    instantiate_all, resolve_speed_settings, user_errors_as_one_line,
+)
+
+log = logging.getLogger("finetune")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def training_data_config(ckpt_path: str) -> DictConfig:
+    """The `data` section of the run that wrote `ckpt_path` (RUN/checkpoints/x.ckpt -> RUN/.hydra)."""
+    for folder in list(Path(ckpt_path).expanduser().resolve().parents)[:3]:
+        saved = folder / ".hydra" / "config.yaml"
+        if saved.is_file():
+            run_cfg = OmegaConf.load(saved)
+            if run_cfg.get("data") is not None:
+                log.info("data config from the training run: %s", saved)
+                return run_cfg.data
+    raise FinetuneError(
+        f"no training run config (.hydra/config.yaml) found above {ckpt_path}; "
+        "say which data to evaluate on, e.g. data=folder data.root=DIR"
+    )
+
+
+def confusion_table(matrix, class_names: list[str]) -> Table:
+    table = Table(title="confusion matrix (rows: true, columns: predicted)")
+    table.add_column("true \\ pred")
+    for name in class_names:
+        table.add_column(name, justify="right")
+    for name, row in zip(class_names, matrix.tolist()):
+        table.add_row(name, *(str(v) for v in row))
+    return table
+
+
+def per_class_table(views: ConfusionMatrix) -> Table:
+    table = Table(title="per class")
+    for column in ("class", "precision", "recall", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    support = views.matrix.sum(dim=1).tolist()
+    for name, p, r, n in zip(views.class_names, views.precision.tolist(), views.recall.tolist(), support):
+        table.add_row(name, f"{p:.4f}", f"{r:.4f}", str(n))
+    return table
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test `cfg.ckpt_path` on `cfg.data` (or the run's data); returns the test metrics."""
+    model = load_classifier(cfg.ckpt_path)
+    datamodule = hydra.utils.instantiate(cfg.data if cfg.get("data") else training_data_config(cfg.ckpt_path))
+    if list(datamodule.classes) != list(model.class_names):
+        raise FinetuneError(
+            f"the data's classes {list(datamodule.classes)} differ from the checkpoint's "
+            f"{list(model.class_names)}; evaluate on data with the same class folders"
+        )
+    model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    log.info("checkpoint: %s | classes: %s | preprocessing: %s", cfg.ckpt_path, model.class_names, model.preprocessing)
+
+    resolve_speed_settings(cfg)
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    views = next((c for c in callbacks if isinstance(c, ConfusionMatrix)), None)
+    if views is None:
+        views = ConfusionMatrix(save_dir=cfg.paths.output_dir)
+        callbacks.append(views)
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.test(model, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+
+    if trainer.is_global_zero:
+        console = Console()
+        console.print(f"checkpoint: {cfg.ckpt_path}", markup=False, highlight=False)
+        console.print(per_class_table(views))
+        console.print(confusion_table(views.matrix, views.class_names))
+        if views.save_dir is not None:
+            console.print(f"saved confusion_matrix.csv/.png and per_class.csv in {views.save_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`python predict.py ckpt_path=PATH input=FILE_OR_DIR`: top-k labels for every image found.
+
+Model, class names and transforms come from the checkpoint alone. Results stream to
+`predictions.csv` in the run dir; files that are not readable images are listed as skipped with
+the reason (and in `skipped.csv`) instead of stopping the batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from finetune.callbacks import PredictionWriter
+from finetune.data.image_files import ImageFiles, find_files
+from finetune.data.transforms import eval_transform
+from finetune.errors import FinetuneError
+from finetune.models.checkpoint import load_classifier
+from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
+
+log = logging.getLogger("finetune")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def summary(writer: PredictionWriter) -> Table:
+    table = Table(title=f"{writer.written} predictions (first {len(writer.rows)}) -> {writer.output}")
+    table.add_column("path")
+    for rank in range(1, writer.top_k + 1):
+        table.add_column(f"#{rank}")
+    for row in writer.rows:
+        table.add_row(row[0], *(f"{row[i]} {float(row[i + 1]):.3f}" for i in range(1, len(row), 2)))
+    return table
+
+
+def predict(cfg: DictConfig) -> PredictionWriter:
+    """Predict every file under `cfg.input`; returns the writer (rows written, counts, skipped)."""
+    output = Path(cfg.output)
+    if output.exists():
+        raise FinetuneError(f"output={output} exists; pass another output=PATH or move the file away")
+    model = load_classifier(cfg.ckpt_path)
+    files = find_files(cfg.input)
+    p = model.preprocessing
+    dataset = ImageFiles(files, eval_transform(p), shape=(3, p.crop_size, p.crop_size))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        collate_fn=dataset.collate)
+    log.info("predicting %d files with %s | preprocessing: %s", len(files), cfg.ckpt_path, p)
+
+    writer = PredictionWriter(output, top_k=cfg.top_k)
+    resolve_speed_settings(cfg)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=False)
+    trainer.predict(model, dataloaders=loader, return_predictions=False)
+
+    console = Console()
+    console.print(summary(writer))
+    counts = ", ".join(f"{name}: {n}" for name, n in writer.counts.most_common())
+    console.print(f"predicted labels: {counts or 'none'}")
+    if writer.skipped:
+        skipped_csv = output.with_name("skipped.csv")
+        with open(skipped_csv, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "reason"), *writer.skipped])
+        console.print(f"skipped {len(writer.skipped)} unreadable file(s) (listed in {skipped_csv}):")
+        for path, reason in writer.skipped:
+            print(f"  {path}: {reason}")
+    return writer
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
