@@ -11,6 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from finetune.distributed import one_run_for_all_ranks
+from finetune.lr_finder import tune_learning_rate
 from finetune.runtime import (
     instantiate_all, log_hyperparameters, print_metrics, resolve_speed_settings,
     user_errors_as_one_line,
@@ -44,6 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
+    if cfg.get("tune_lr"):
+        tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
