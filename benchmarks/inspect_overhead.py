@@ -1,0 +1,87 @@
+"""What the TensorBoard views cost: the same fit and test with and without them, side by side.
+
+    python benchmarks/inspect_overhead.py                 # shapes at 48 px, ResNet-18, 2 epochs
+    python benchmarks/inspect_overhead.py --size 224 --repeats 5
+
+Both arms use the product's own config and TensorBoard logger; only the three views
+(callbacks.prediction_grid, confusion_matrix, top_losses) are switched off in the baseline. The
+arms alternate (A B B A ...) so machine load drifts hit both alike; medians are compared. Small
+images make the epoch cheap, so the ratio is a worst case for the views. Last line:
+    fit_ratio=<with/without> test_ratio=<with/without>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from finetune.train import build
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+VIEWS_OFF = ["callbacks.prediction_grid=null", "callbacks.confusion_matrix=null", "callbacks.top_losses=null"]
+
+
+def timed_run(overrides: list[str], out_dir: Path) -> tuple[float, float]:
+    """(fit seconds, test seconds) for one run with `overrides`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.paths.output_dir = cfg.paths.log_dir = str(out_dir)
+        cfg.paths.data_dir = str(out_dir / "data")
+    HydraConfig().set_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return fit, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=48, help="image size fed to the network")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--eval-size", type=int, default=256, help="val and test images each")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per arm")
+    args = parser.parse_args()
+    common = [
+        "data=shapes", f"data.train_size={args.train_size}", f"data.val_size={args.eval_size}",
+        f"data.test_size={args.eval_size}", f"data.image_size={args.size}", f"data.resize_size={args.size}",
+        f"data.native_size={max(64, args.size)}", "model.weights=null", f"trainer.max_epochs={args.epochs}",
+        "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
+    arms = {"with views": common, "without views": common + VIEWS_OFF}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        timed_run(common + ["trainer.max_epochs=1"], Path(tmp) / "warmup")
+        order = [name for i in range(args.repeats) for name in (list(arms) if i % 2 == 0 else list(arms)[::-1])]
+        for i, name in enumerate(order):
+            fit, test = timed_run(arms[name], Path(tmp) / f"run{i}")
+            times[name].append((fit, test))
+            print(f"{name:>14}: fit {fit:6.2f}s  test {test:5.2f}s")
+    median = {name: [statistics.median(t[k] for t in runs) for k in (0, 1)] for name, runs in times.items()}
+    fit_ratio = median["with views"][0] / median["without views"][0]
+    test_ratio = median["with views"][1] / median["without views"][1]
+    print(f"median fit: {median['with views'][0]:.2f}s with views, {median['without views'][0]:.2f}s without "
+          f"({args.epochs} epochs of {args.train_size} + {args.eval_size} images at {args.size}px)")
+    print(f"median test: {median['with views'][1]:.2f}s with views, {median['without views'][1]:.2f}s without")
+    print(f"fit_ratio={fit_ratio:.3f} test_ratio={test_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
