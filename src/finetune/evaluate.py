@@ -20,7 +20,9 @@ from finetune.callbacks import ConfusionMatrix
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import (
-    instantiate_all, resolve_speed_settings, user_errors_as_one_line,
+    instantiate_all,
+    resolve_speed_settings,
+    user_errors_as_one_line,
 )
 
 log = logging.getLogger("finetune")

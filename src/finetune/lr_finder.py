@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 from lightning.pytorch.tuner import Tuner

@@ -14,7 +14,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
-    MulticlassConfusionMatrix, MulticlassPrecision, MulticlassRecall,
+    MulticlassConfusionMatrix,
+    MulticlassPrecision,
+    MulticlassRecall,
 )
 
 from finetune.callbacks.grid import batch_logits, tensorboard

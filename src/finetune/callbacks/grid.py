@@ -7,7 +7,8 @@ prediction gets a red frame and red text so it stands out at a glance in a grid 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -40,7 +41,7 @@ class PredictionWriter(BasePredictionWriter):
             header += [f"label_{rank}", f"probability_{rank}"]
         header += [f"prob_{name}" for name in self._names]
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.output, "w", newline="")
+        self._file = open(self.output, "w", newline="")  # noqa: SIM115 - open across batches
         self._csv = csv.writer(self._file)
         self._csv.writerow(header)
 
@@ -66,3 +67,6 @@ class PredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_predict_end(trainer, pl_module)

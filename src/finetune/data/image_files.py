@@ -6,8 +6,9 @@ workers) and a failure travels with the batch as a (path, reason) pair instead o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
