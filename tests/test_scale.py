@@ -151,3 +151,14 @@ def test_the_slurm_launcher_writes_a_multi_node_sbatch_script(tmp_path):
                  "--partition=gpu", "--job-name=train"):
         assert f"#SBATCH {line}" in text, text
     assert "srun" in text and "submitit.core._submit" in text
+
+
+def test_the_launcher_and_search_configs_compose(make_cfg):
+    cfg = make_cfg(["hparams_search=optuna"])
+    assert cfg.optimized_metric == "val/acc_best" and cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {"model.optimizer.lr", "model.head_lr_mult",
+                                             "model.optimizer.weight_decay", "data.batch_size"}
+    cfg = make_cfg(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 4)
+    assert make_cfg(["hydra/launcher=parallel"]).hydra.launcher.n_jobs == 2
+    assert make_cfg(["trainer=ddp_cpu"]).trainer.strategy == "ddp"

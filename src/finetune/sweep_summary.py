@@ -31,16 +31,17 @@ METRICS = "metrics.json"
 
 def job_record(job_return: JobReturn, output_dir: Path, job_num: int) -> dict[str, Any]:
     """What the summary needs to know about one finished job."""
+    completed = job_return.status == JobStatus.COMPLETED
     metrics_file = output_dir / METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    error = job_return._return_value if job_return.status == JobStatus.FAILED else None
+    metrics = json.loads(metrics_file.read_text()) if completed and metrics_file.is_file() else {}
+    error = None if completed else job_return._return_value  # `return_value` would re-raise it
     return {
         "job": job_num,
-        "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed",
+        "status": "completed" if completed else "failed",
         "overrides": list(job_return.overrides or []),
         "metrics": metrics,
         "run_dir": str(output_dir),
-        "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error else "",
+        "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}" if error else "",
     }
 
 
