@@ -54,9 +54,10 @@ def _resave_run_config(cfg: DictConfig) -> None:
         hc = HydraConfig.get()
     except ValueError:
         return
-    if not hc.output_subdir or not hc.runtime.output_dir:
+    output_dir = OmegaConf.select(hc, "runtime.output_dir", default=None, throw_on_missing=False)
+    if not hc.output_subdir or not output_dir:
         return
-    path = Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml"
+    path = Path(output_dir) / hc.output_subdir / "config.yaml"
     if path.exists():
         OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), path)
 

@@ -1,0 +1,122 @@
+"""Training images/s end to end: the product's defaults against the seed recipe, on the same data.
+
+ours:    `python train.py data=folder data.root=CIFAR` as configured by default (precision auto,
+         channels_last, 32-pixel JPEGs cropped at their own size and upsampled per batch).
+seed:    ImageFolder + per-image Pillow Resize(224) + ToTensor + Normalize, fp32, NCHW; the same
+         Trainer, model (ResNet-18 at 224, random init), batch size and worker count.
+compute: the product's model and precision on in-memory 224-pixel batches (no input pipeline).
+Data: ../shared/data/cifar10-jpeg.tar.gz beside the checkout when present (unpacked to a temp
+dir), else generated 32-pixel JPEGs. Also prints a pipeline-only figure per loader process:
+500x375 JPEGs decoded and transformed to 224 by the product's loader vs the seed's.
+
+    python benchmarks/throughput.py [--steps 10]
+    last line: speedup=<ours/seed> ours=<img/s> seed=<img/s> compute=<img/s>
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
+
+from _common import StepTimer, cifar_jpeg_root, product_config
+from finetune.data.datamodule import default_num_workers
+from finetune.data.folder import load_rgb
+from finetune.data.shapes import write_image_folder
+from finetune.data.transforms import Preprocessing, train_transform
+from finetune.train import build
+
+SEED_TRANSFORM = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+def fit_rate(label: str, overrides: list[str], steps: int, warmup: int, loader=None) -> float:
+    out = Path(tempfile.mkdtemp(prefix="throughput-"))
+    cfg = product_config(["data=folder", "model.weights=null", f"+trainer.max_steps={steps}",
+                          "+trainer.limit_val_batches=0", "test=false", "logger=csv", *overrides], out)
+    datamodule, model, trainer = build(cfg)
+    timer = StepTimer(warmup)
+    trainer.callbacks.append(timer)
+    if loader is None:
+        trainer.fit(model, datamodule=datamodule)
+    else:
+        trainer.fit(model, train_dataloaders=loader)
+    print(f"  {label}: precision={cfg.trainer.precision} channels_last={cfg.model.channels_last} "
+          f"-> {timer.rate:.1f} img/s", flush=True)
+    return timer.rate
+
+
+def in_memory_batches(n: int, batch: int, classes: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, 224, 224, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def photos(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    paths = []
+    for i in range(n):
+        base = np.stack([xx * rng.uniform(0.2, 0.5), yy * rng.uniform(0.2, 0.6), (xx + yy) * 0.2], -1)
+        pixels = (base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        paths.append(folder / f"{i:03d}.jpg")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return paths
+
+
+def pipeline_rate(paths: list[Path], load, transform) -> float:
+    for p in paths[:3]:
+        transform(load(str(p)))
+    start = time.perf_counter()
+    for p in paths:
+        transform(load(str(p)))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--photos", type=int, default=40)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="throughput-data-"))
+    paths = photos(tmp / "photos", args.photos)
+    ours_loader = partial(load_rgb, min_side=256)
+    ours_p = pipeline_rate(paths, ours_loader, train_transform(Preprocessing()))
+    seed_p = pipeline_rate(paths, default_loader, SEED_TRANSFORM)
+    print(f"pipeline, 500x375 JPEG -> 224, one process: ours {ours_p:.0f} img/s, seed {seed_p:.0f} img/s "
+          f"({ours_p / seed_p:.2f}x)", flush=True)
+
+    root = cifar_jpeg_root()
+    source = "CIFAR-10 JPEG copy (../shared)"
+    if root is None:
+        root, source = write_image_folder(tmp / "gen", {"train": 64, "test": 8}, size=32, suffix=".jpg"), "generated 32px JPEGs"
+    classes = len([d for d in (root / "train").iterdir() if d.is_dir()])
+    print(f"data: {source}; ResNet-18 at 224, batch {args.batch}, {args.steps - args.warmup} timed steps, "
+          f"{default_num_workers()} loader workers, {torch.get_num_threads()} compute threads", flush=True)
+    common = [f"data.root={root}", f"data.batch_size={args.batch}"]
+    seed_loader = DataLoader(ImageFolder(str(root / "train"), transform=SEED_TRANSFORM), batch_size=args.batch,
+                             shuffle=True, num_workers=default_num_workers(), drop_last=True)
+    seed = fit_rate("seed", [*common, "trainer.precision=32-true", "model.channels_last=false"],
+                    args.steps, args.warmup, seed_loader)
+    ours = fit_rate("ours", common, args.steps, args.warmup)
+    batches = DataLoader(in_memory_batches(args.steps, args.batch, classes), batch_size=None)
+    compute = fit_rate("compute", common, args.steps, args.warmup, batches)
+    print(f"ours/compute={ours / compute:.2f}")
+    print(f"speedup={ours / seed:.2f} ours={ours:.1f} seed={seed:.1f} compute={compute:.1f}")
+
+
+if __name__ == "__main__":
+    main()
