@@ -108,8 +108,8 @@ def separation(similarity: torch.Tensor) -> float:
 
 @needs_mobilenet
 def test_packaged_mobilenet_v2_features_tell_photos_apart_and_random_ones_do_not():
-    """Criterion: separation >= 0.3 and every view finds its own photo (measured 0.40, 4/4);
-    random init stays below 0.1 (measured ~0.03: its features hardly depend on the image)."""
+    """Criterion: separation >= 0.3 and every view finds its own photo (measured 0.43, 4/4);
+    random init stays below 0.1 (measured 0.04: its features hardly depend on the image)."""
     pretrained = view_similarity(MOBILENET)
     random_init = view_similarity(None)
     assert torch.equal(pretrained.argmax(dim=1), torch.arange(4)), pretrained
