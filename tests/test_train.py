@@ -33,6 +33,18 @@ def test_training_on_an_image_folder_sizes_the_head_and_records_the_classes(make
     assert ckpt["state_dict"]["head.1.weight"].shape == (3, 512)
 
 
+def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
+    tiny = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", *SMALL,
+            "data.batch_size=16", "logger=csv", "test=false", "callbacks=default",
+            "callbacks.rich_progress_bar=null"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    train(make_cfg(tiny + ["trainer.max_epochs=1"]))
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    train(make_cfg(tiny + ["trainer.max_epochs=2", f"ckpt_path={last}"]))
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 4  # two epochs of two steps: the second continued the first
+
+
 @pytest.mark.slow
 def test_quickstart_learns_the_shapes_and_leaves_a_complete_run_dir(tmp_path):
     """The README's first training command, as a user runs it: >= 90% test accuracy offline."""
