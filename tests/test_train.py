@@ -42,7 +42,12 @@ def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     train(make_cfg(tiny + ["trainer.max_epochs=2", f"ckpt_path={last}"]))
     resumed = torch.load(last, map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == 4  # two epochs of two steps: the second continued the first
+    assert resumed["global_step"] == 4
+    # The second run's own log holds only the epoch it added, not a fresh start.
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = {row.split(",")[header.index("epoch")] for row in rows[1:]}
+    assert epochs == {"1"}
 
 
 @pytest.mark.slow
