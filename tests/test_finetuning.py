@@ -84,7 +84,7 @@ def test_head_lr_mult_and_layer_decay_set_group_learning_rates(make_cfg):
 
 
 def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg, tmp_path):
-    cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false"])
+    cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "trainer.precision=32-true"])
     dm, model, trainer = build(cfg)
     trainer.strategy.connect(model)
     dm.setup("fit")
@@ -120,3 +120,14 @@ def test_frozen_training_uses_the_cache_when_the_transform_is_deterministic(make
     # Test still runs the whole network on images.
     trainer.test(model, datamodule=dm)
     assert 0.0 <= trainer.callback_metrics["test/acc"] <= 1.0
+
+
+def test_feature_cache_sees_batches_resized_on_the_device(make_cfg):
+    """Tiny sources are upsampled per batch in `on_after_batch_transfer`; the cache must do it too."""
+    cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "data.image_size=96",
+                           "data.resize_size=96", "+data.resize_on_device=true", "trainer.max_epochs=1"])
+    dm, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=dm)
+    assert dm.batch_transform is not None
+    features = dm.datasets["train"].tensors[0]
+    assert features.shape == (len(dm.datasets["train"]), 512) and torch.isfinite(features).all()

@@ -14,7 +14,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.data.transforms import (
-    BatchResize, Preprocessing, eval_transform, native_eval_transform, native_train_transform,
+    BatchResize,
+    Preprocessing,
+    eval_transform,
+    native_eval_transform,
+    native_train_transform,
     train_transform,
 )
 
@@ -158,9 +162,9 @@ class ImageDataModule(L.LightningDataModule):
 
         Code that iterates the loaders itself (not through the Trainer) calls this too.
         """
-        if self.batch_transform is None:
-            return batch
         images, *rest = batch
+        if self.batch_transform is None or images.dim() != 4:  # 2-D: cached features
+            return batch
         return (self.batch_transform(images), *rest)
 
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:

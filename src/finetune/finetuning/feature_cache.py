@@ -53,8 +53,14 @@ def dataset_fingerprint(dataset: Dataset) -> str | None:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, trainer: L.Trainer) -> TensorDataset:
-    """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU."""
+def extract_features(
+    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None
+) -> TensorDataset:
+    """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
+
+    Batches go through the datamodule's `on_after_batch_transfer`, as they would in training
+    (small sources are resized and normalised on the device there).
+    """
     was_training = backbone.training
     backbone.eval()
     device = trainer.strategy.root_device
@@ -62,7 +68,10 @@ def extract_features(backbone: nn.Module, loader: DataLoader, trainer: L.Trainer
     try:
         with trainer.precision_plugin.forward_context():
             for images, targets in loader:
-                features.append(backbone(images.to(device)).float().cpu())
+                images = images.to(device)
+                if datamodule is not None:
+                    images, targets = datamodule.on_after_batch_transfer((images, targets), 0)
+                features.append(backbone(images).float().cpu())
                 labels.append(torch.as_tensor(targets))
     finally:
         backbone.train(was_training)
@@ -91,7 +100,7 @@ class FeatureCache:
             return TensorDataset(features, labels)
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False,
                             num_workers=datamodule.num_workers)
-        result = extract_features(self.backbone, loader, self.trainer)
+        result = extract_features(self.backbone, loader, self.trainer, datamodule)
         log.info("feature cache: computed %s features of %d images", split, len(result))
         if path is not None and self.trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
