@@ -2,8 +2,9 @@
 
 Same model (ResNet-18 as ImageClassifier, the resolved precision and memory format), the same
 in-memory batches, the same optimizer and number of steps; the Trainer keeps the product's default
-callbacks and TensorBoard logger. Steady-state time of the same step window is compared; the two
-run alternately, twice each, and the faster of each pair counts (other processes share the CPU).
+callbacks and TensorBoard logger. After one untimed warm-up run (oneDNN builds its kernels once
+per process), the steady-state time of the same step window is compared; the two run alternately,
+twice each, and the faster of each counts (other processes share the CPU).
 
     python benchmarks/overhead.py [--steps 12] [--size 160]      last line: overhead=<ratio>
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import StepTimer, product_config
 from torch.utils.data import DataLoader
 
-from _common import StepTimer, product_config
 from finetune.train import build
 
 WARMUP = 3
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     data = batches(args.steps, args.batch, args.size)
+    plain_loop(data, args.steps)  # oneDNN builds its kernels for each shape once per process
     lightning, plain = [], []
     for _ in range(2):
         plain.append(plain_loop(data, args.steps))

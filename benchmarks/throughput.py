@@ -9,7 +9,7 @@ Data: ../shared/data/cifar10-jpeg.tar.gz beside the checkout when present (unpac
 dir), else generated 32-pixel JPEGs. Also prints a pipeline-only figure per loader process:
 500x375 JPEGs decoded and transformed to 224 by the product's loader vs the seed's.
 
-    python benchmarks/throughput.py [--steps 10]
+    python benchmarks/throughput.py [--steps 12]
     last line: speedup=<ours/seed> ours=<img/s> seed=<img/s> compute=<img/s>
 """
 
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import StepTimer, cifar_jpeg_root, product_config
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 
-from _common import StepTimer, cifar_jpeg_root, product_config
 from finetune.data.datamodule import default_num_workers
 from finetune.data.folder import load_rgb
 from finetune.data.shapes import write_image_folder
@@ -85,8 +85,8 @@ def pipeline_rate(paths: list[Path], load, transform) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--photos", type=int, default=40)
     args = parser.parse_args()

@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import FolderDataModule, Preprocessing
+from finetune.data import FolderDataModule
 from finetune.data.datamodule import default_num_workers
 from finetune.data.folder import load_rgb
 from finetune.data.resized_cache import resized_copy
-from finetune.data.shapes import write_image_folder
 from finetune.data.transforms import eval_transform
 from finetune.train import train
 

@@ -12,14 +12,13 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from PIL import Image
-
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data.datamodule import ImageDataModule
-from finetune.data.transforms import Preprocessing
 from finetune.data.resized_cache import resized_copy
+from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
 LAYOUT = "expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ optional)"

@@ -1,0 +1,114 @@
+"""Precision, memory format and compile chosen for the machine; accuracy must not suffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+from torch import nn
+
+from finetune import hardware
+from finetune.errors import FinetuneError
+from finetune.models import ImageClassifier
+from finetune.runtime import resolve_speed_settings
+from finetune.train import train
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.resolve_precision("auto", "cpu")[0] == "bf16-mixed"
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", "cpu")[0] == "32-true"
+    assert hardware.resolve_precision(None, "cpu")[0] == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert hardware.resolve_precision("auto", "gpu")[0] == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert hardware.resolve_precision("auto", "auto")[0] == "16-mixed"
+    assert hardware.resolve_precision("32-true", "gpu") == ("32-true", "set explicitly")
+
+
+def test_unknown_precision_is_one_line():
+    with pytest.raises(FinetuneError, match="trainer.precision=fp8"):
+        hardware.resolve_precision("fp8", "cpu")
+
+
+def test_channels_last_for_convolutional_backbones_only():
+    model = ImageClassifier(name="resnet18", weights=None, num_classes=3)
+    assert model.channels_last and model.hparams.channels_last is True
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    off = ImageClassifier(name="resnet18", weights=None, num_classes=3, channels_last=False)
+    assert not off.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    patch_embedding_only = nn.Sequential(nn.Conv2d(3, 8, 16, 16), nn.Flatten(), nn.Linear(8, 2))
+    assert not hardware.is_convolutional(patch_embedding_only)
+
+
+def test_compile_where_unusable_is_a_warning_and_recorded_off(monkeypatch, caplog):
+    monkeypatch.setattr("finetune.models.classifier.compile_problem", lambda device: "no C++ compiler")
+    model = ImageClassifier(name="resnet18", weights=None, num_classes=3, compile=True)
+    assert model.hparams.compile is False
+    assert "model.compile=true ignored: no C++ compiler" in caplog.text
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_resolved_values_are_written_into_the_saved_run_config(make_cfg, tmp_path):
+    cfg = make_cfg(["model.weights=null", "trainer.precision=auto"])
+    saved = tmp_path / "run" / ".hydra" / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("stale: true\n")
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    HydraConfig().set_config(cfg)
+    model = ImageClassifier(name="resnet18", weights=None, num_classes=4)
+    resolve_speed_settings(cfg, model)
+    expected = hardware.resolve_precision("auto", "cpu")[0]
+    assert cfg.trainer.precision == expected and cfg.model.channels_last is True
+    on_disk = OmegaConf.load(saved)
+    assert on_disk.trainer.precision == expected and on_disk.model.channels_last is True
+    assert "hydra" not in on_disk
+
+
+def write_stripes(root, per_split: dict[str, int], size: int = 32, seed: int = 0):
+    """Four classes of noisy stripes (horizontal, vertical, two diagonals): learnable in a few epochs."""
+    directions = {"horizontal": (0, 1), "vertical": (1, 0), "diagonal": (1, 1), "antidiagonal": (1, -1)}
+    yy, xx = np.mgrid[0:size, 0:size]
+    for s, (split, n) in enumerate(per_split.items()):
+        for label, (name, (dx, dy)) in enumerate(directions.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            rng = np.random.default_rng([seed, s, label])
+            for i in range(n):
+                period, phase = rng.uniform(4, 8), rng.uniform(0, 2 * np.pi)
+                wave = np.sin(2 * np.pi * (dx * xx + dy * yy) / period + phase)[..., None]
+                a = rng.integers(0, 256, 3)
+                b = (a + rng.integers(90, 166, 3)) % 256  # always a visible contrast
+                pixels = (a + (b - a) * (wave + 1) / 2 + rng.normal(0, 10, (size, size, 3))).clip(0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_auto_precision_is_as_accurate_as_fp32(make_cfg, tmp_path):
+    """Both runs learn the task to ~99%, so a precision that hurt training would show."""
+    root = write_stripes(tmp_path / "stripes", {"train": 120, "test": 100})
+    results = {}
+    for precision in ("32-true", "auto"):
+        cfg = make_cfg([
+            "data=folder", f"data.root={root}", "data.image_size=32", "data.resize_size=32",
+            "data.augment=false", "data.num_workers=0", "data.batch_size=32", "model.weights=null",
+            "model.optimizer.lr=2e-3", "trainer.max_epochs=4",
+            "model.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,_partial_:true,T_max:4}",
+            f"trainer.precision={precision}", "logger=csv", "callbacks=none",
+            "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        ])
+        results[precision] = (train(cfg)["test/acc"], cfg.trainer.precision)
+    (fp32, _), (auto, resolved) = results["32-true"], results["auto"]
+    assert resolved == hardware.resolve_precision("auto", "cpu")[0]
+    assert fp32 > 0.95, results  # the task was learnt, so the comparison means something
+    assert abs(auto - fp32) <= 0.01, results
