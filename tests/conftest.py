@@ -59,7 +59,7 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
-        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 

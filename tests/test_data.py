@@ -60,7 +60,7 @@ def test_cifar10_downloads_with_its_checksum_from_a_local_server(http_server, tm
     # A corrupted archive fails its MD5 check.
     monkeypatch.setattr("torchvision.datasets.CIFAR10.tgz_md5", "0" * 32)
     broken = CIFAR10DataModule(root=str(tmp_path / "other"), num_workers=0)
-    with pytest.raises(Exception):
+    with pytest.raises(FinetuneError, match="CIFAR-10"):
         broken.prepare_data()
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from lightning import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
@@ -98,7 +98,7 @@ def user_errors_as_one_line(task: Callable[[DictConfig], Any]) -> Callable[[Dict
         except MissingMandatoryValue as e:
             key = e.full_key or "a value"
             error = FinetuneError(f"config key {key} is required: pass it as `{key}=...` on the command line")
-        except Exception as e:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        except Exception as e:
             error = find_user_error(e)
             if error is None:
                 raise

@@ -13,7 +13,10 @@ from omegaconf import DictConfig
 from finetune.distributed import one_run_for_all_ranks
 from finetune.lr_finder import tune_learning_rate
 from finetune.runtime import (
-    instantiate_all, log_hyperparameters, print_metrics, resolve_speed_settings,
+    instantiate_all,
+    log_hyperparameters,
+    print_metrics,
+    resolve_speed_settings,
     user_errors_as_one_line,
 )
 

@@ -6,7 +6,8 @@ Subclasses only say where the images come from (`classes`, `prepare_data`, `make
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -83,10 +84,10 @@ class ImageDataModule(L.LightningDataModule):
         self.resize_on_device = resize_on_device
         self.batch_transform: BatchResize | None = None
         self.persistent_workers = persistent_workers
-        self.overrides = dict(
-            crop_size=image_size, resize_size=resize_size, mean=mean, std=std,
-            interpolation=interpolation, crop_scale=crop_scale, hflip=hflip, augment=augment,
-        )
+        self.overrides = {
+            "crop_size": image_size, "resize_size": resize_size, "mean": mean, "std": std,
+            "interpolation": interpolation, "crop_scale": crop_scale, "hflip": hflip, "augment": augment,
+        }
         self.val_fraction = val_fraction
         self.seed = seed
         self.preprocessing = Preprocessing().override(**self.overrides)
@@ -137,7 +138,7 @@ class ImageDataModule(L.LightningDataModule):
     def _split_off_val(self, train: Dataset, train_eval: Dataset) -> tuple[Dataset, Dataset]:
         """A seeded fraction of train, seen through the eval transform, becomes val."""
         n = len(train)
-        n_val = max(1, int(round(n * self.val_fraction)))
+        n_val = max(1, round(n * self.val_fraction))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return Subset(train, order[n_val:]), Subset(train_eval, order[:n_val])
 

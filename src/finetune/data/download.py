@@ -34,9 +34,8 @@ def download(url: str, dest: Path, sha1: str | None = None) -> Path:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                shutil.copyfileobj(response, out, length=1 << 20)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            shutil.copyfileobj(response, out, length=1 << 20)
         if sha1 is not None:
             actual = file_digest(tmp, "sha1")
             if actual != sha1.lower():

@@ -8,8 +8,8 @@ Images are drawn on demand from (seed, split, index): nothing is stored, every r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -33,15 +33,15 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
         return cls(**_normalised({k: v for k, v in values.items() if k in cls.__dataclass_fields__}))
 
-    def override(self, **values: Any) -> "Preprocessing":
+    def override(self, **values: Any) -> Preprocessing:
         """A copy with every non-None value replaced; a new crop size rescales the resize size."""
         values = {k: v for k, v in values.items() if v is not None}
         if "crop_size" in values and "resize_size" not in values:
             ratio = self.resize_size / self.crop_size
-            values["resize_size"] = int(round(values["crop_size"] * ratio))
+            values["resize_size"] = round(values["crop_size"] * ratio)
         return replace(self, **_normalised(values))
 
 
