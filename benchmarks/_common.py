@@ -22,10 +22,12 @@ def product_config(overrides: list[str], out_dir: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
     with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
         cfg.paths.output_dir = cfg.paths.log_dir = str(out_dir)
         cfg.paths.data_dir = str(out_dir / "data")
+    HydraConfig().set_config(cfg)
     return cfg
 
 

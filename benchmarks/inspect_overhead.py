@@ -21,27 +21,16 @@ import time
 from pathlib import Path
 
 import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from _common import product_config
 
 from finetune.train import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 VIEWS_OFF = ["callbacks.prediction_grid=null", "callbacks.confusion_matrix=null", "callbacks.top_losses=null"]
 
 
 def timed_run(overrides: list[str], out_dir: Path) -> tuple[float, float, float, float]:
     """(fit CPU, test CPU, fit wall, test wall) seconds for one run with `overrides`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.paths.output_dir = cfg.paths.log_dir = str(out_dir)
-        cfg.paths.data_dir = str(out_dir / "data")
-    HydraConfig().set_config(cfg)
+    cfg = product_config(overrides, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     cpu, wall = time.process_time(), time.perf_counter()

@@ -43,7 +43,8 @@ def dataset_fingerprint(dataset: Dataset) -> str | None:
         return inner and _digest(inner, list(dataset.indices))
     transform = repr(getattr(dataset, "transform", None))
     if hasattr(dataset, "samples"):  # ImageFolder and friends
-        files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns, y) for p, y in dataset.samples]
+        stats = [(p, os.stat(p), y) for p, y in dataset.samples]
+        files = [(p, st.st_size, st.st_mtime_ns, y) for p, st, y in stats]
         return _digest(transform, files)
     if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # CIFAR-10 style arrays
         return _digest(transform, dataset.data.tobytes(), list(dataset.targets))
