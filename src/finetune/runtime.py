@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.errors import FinetuneError, find_user_error
-from finetune.hardware import resolve_precision
+from finetune.hardware import resolve_precision, reuse_freed_memory
 
 log = logging.getLogger("finetune")
 
@@ -35,6 +35,8 @@ def resolve_speed_settings(cfg: DictConfig, model: Any | None = None) -> None:
     """Replace `trainer.precision=auto` with the machine's best choice and copy the model's
     resolved channels_last/compile into `cfg`, so the printed, logged and saved config all say
     what actually runs. Call before the Trainer is built."""
+    if cfg.get("reuse_freed_memory", True):
+        log.info("reuse_freed_memory: %s", reuse_freed_memory())
     with open_dict(cfg):
         if cfg.get("trainer") is not None:
             precision, why = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
