@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tarfile
 import tempfile
 import time
@@ -51,11 +53,18 @@ class StepTimer(L.Callback):
         return self.images / (self.end - self.start)
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temp dir removed when the benchmark exits (unpacked data and run dirs are large)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def cifar_jpeg_root() -> Path | None:
     """The CIFAR-10 JPEG copy beside the checkout, unpacked to a temp dir; None when absent."""
     if not CIFAR_TARBALL.exists():
         return None
-    target = Path(tempfile.mkdtemp(prefix="cifar10-jpeg-"))
+    target = scratch_dir("cifar10-jpeg-")
     with tarfile.open(CIFAR_TARBALL) as tar:
         tar.extractall(target, filter="data")
     return target / "cifar10"

@@ -13,12 +13,11 @@ seed and epochs; only `finetune.callback.feature_cache` differs. Timing covers `
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
-from _common import product_config
+from _common import product_config, scratch_dir
 
 from finetune.data.shapes import write_image_folder
 from finetune.train import build
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="frozen-cache-"))
+    work = scratch_dir("frozen-cache-")
     root = args.data_root or write_image_folder(
         work / "shapes", {"train": args.per_class, "test": max(4, args.per_class // 4)}, size=64
     )

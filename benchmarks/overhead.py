@@ -12,13 +12,11 @@ twice each, and the faster of each counts (other processes share the CPU).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import StepTimer, product_config
+from _common import StepTimer, product_config, scratch_dir
 from torch.utils.data import DataLoader
 
 from finetune.train import build
@@ -33,7 +31,7 @@ def batches(n: int, batch: int, size: int) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def with_trainer(data, steps: int) -> float:
-    out = Path(tempfile.mkdtemp(prefix="overhead-"))
+    out = scratch_dir("overhead-")
     cfg = product_config(["model.weights=null", f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0",
                           "test=false"], out)
     _, model, trainer = build(cfg)
@@ -44,7 +42,7 @@ def with_trainer(data, steps: int) -> float:
 
 
 def plain_loop(data, steps: int) -> float:
-    out = Path(tempfile.mkdtemp(prefix="overhead-"))
+    out = scratch_dir("overhead-")
     cfg = product_config(["model.weights=null"], out)
     _, model, _ = build(cfg)  # the same model and resolved precision
     optimizer = model.configure_optimizers()

@@ -1,29 +1,33 @@
 """Training images/s end to end: the product's defaults against the seed recipe, on the same data.
 
 ours:    `python train.py data=folder data.root=CIFAR` as configured by default (precision auto,
-         channels_last, 32-pixel JPEGs cropped at their own size and upsampled per batch).
-seed:    ImageFolder + per-image Pillow Resize(224) + ToTensor + Normalize, fp32, NCHW; the same
-         Trainer, model (ResNet-18 at 224, random init), batch size and worker count.
+         channels_last, 32-pixel JPEGs cropped at their own size and upsampled per batch, freed
+         memory kept for reuse).
+seed:    ImageFolder + per-image Pillow Resize(224) + ToTensor + Normalize, fp32, NCHW, glibc's
+         allocator defaults; the same Trainer, model (ResNet-18 at 224, random init), batch size
+         and worker count. Runs first: the allocator setting lasts for the process once made.
+seed+allocator: the seed again, now with the product's allocator setting; ours/this is the gain
+         from precision, memory format and pipeline alone (the compute figure is also taken
+         before and after the allocator setting).
 compute: the product's model and precision on in-memory 224-pixel batches (no input pipeline).
 Data: ../shared/data/cifar10-jpeg.tar.gz beside the checkout when present (unpacked to a temp
 dir), else generated 32-pixel JPEGs. Also prints a pipeline-only figure per loader process:
-500x375 JPEGs decoded and transformed to 224 by the product's loader vs the seed's.
+500x375 and 1600x1200 JPEGs decoded and transformed to 224 by the product's loader vs the seed's.
 
-    python benchmarks/throughput.py [--steps 12]
+    python benchmarks/throughput.py [--steps 24]
     last line: speedup=<ours/seed> ours=<img/s> seed=<img/s> compute=<img/s>
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import StepTimer, cifar_jpeg_root, product_config
+from _common import StepTimer, cifar_jpeg_root, product_config, scratch_dir
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -40,7 +44,7 @@ SEED_TRANSFORM = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize((0.485, 0.4
 
 
 def fit_rate(label: str, overrides: list[str], steps: int, warmup: int, loader=None) -> float:
-    out = Path(tempfile.mkdtemp(prefix="throughput-"))
+    out = scratch_dir("throughput-")
     cfg = product_config(["data=folder", "model.weights=null", f"+trainer.max_steps={steps}",
                           "+trainer.limit_val_batches=0", "test=false", "logger=csv", *overrides], out)
     datamodule, model, trainer = build(cfg)
@@ -86,13 +90,13 @@ def pipeline_rate(paths: list[Path], load, transform) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--photos", type=int, default=40)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="throughput-data-"))
+    tmp = scratch_dir("throughput-data-")
     # 500x375 is below twice the resize size, so draft mode cannot help there; 1600x1200 shows it.
     for w, h in ((500, 375), (1600, 1200)):
         paths = photos(tmp / f"photos{w}", args.photos, (w, h))
@@ -111,12 +115,16 @@ def main() -> None:
     common = [f"data.root={root}", f"data.batch_size={args.batch}"]
     seed_loader = DataLoader(ImageFolder(str(root / "train"), transform=SEED_TRANSFORM), batch_size=args.batch,
                              shuffle=True, num_workers=default_num_workers(), drop_last=True)
-    seed = fit_rate("seed", [*common, "trainer.precision=32-true", "model.channels_last=false"],
-                    args.steps, args.warmup, seed_loader)
-    ours = fit_rate("ours", common, args.steps, args.warmup)
+    seed_recipe = [*common, "trainer.precision=32-true", "model.channels_last=false"]
+    seed = fit_rate("seed", [*seed_recipe, "reuse_freed_memory=false"], args.steps, args.warmup, seed_loader)
     batches = DataLoader(in_memory_batches(args.steps, args.batch, classes), batch_size=None)
+    compute_glibc = fit_rate("compute, glibc defaults", [*common, "reuse_freed_memory=false"],
+                             args.steps, args.warmup, batches)
+    seed_alloc = fit_rate("seed+allocator", seed_recipe, args.steps, args.warmup, seed_loader)
+    ours = fit_rate("ours", common, args.steps, args.warmup)
     compute = fit_rate("compute", common, args.steps, args.warmup, batches)
-    print(f"ours/compute={ours / compute:.2f}")
+    print(f"ours/compute={ours / compute:.2f} ours/(seed+allocator)={ours / seed_alloc:.2f} "
+          f"allocator alone: fp32 seed {seed_alloc / seed:.2f}x, bf16 compute {compute / compute_glibc:.2f}x")
     print(f"speedup={ours / seed:.2f} ours={ours:.1f} seed={seed:.1f} compute={compute:.1f}")
 
 
