@@ -78,17 +78,20 @@ def test_resolved_values_are_written_into_the_saved_run_config(make_cfg, tmp_pat
     assert "hydra" not in on_disk
 
 
-# Minor page faults while allocating and freeing a 64 MiB tensor five times, before and after
-# (after five untimed rounds: the heap takes a few to settle around the aligned blocks).
+# Minor page faults while a 64 MiB block is allocated, written and freed five times, before and
+# after (libc's malloc directly: torch's own small allocations in between would make the count
+# depend on how the heap happens to be fragmented).
 FAULTS_SCRIPT = """
-import resource, torch
+import ctypes, resource
 from finetune.hardware import reuse_freed_memory
-def faults():
-    for _ in range(5):
-        torch.ones(2**24)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def faults(size=64 << 20):
+    libc.free(ctypes.memset(libc.malloc(size), 1, size))
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
-        torch.ones(2**24)
+        libc.free(ctypes.memset(libc.malloc(size), 1, size))
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 before = faults()
 print(before, reuse_freed_memory(), faults())
