@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -95,6 +96,23 @@ def test_loader_settings_come_from_the_machine_and_can_be_overridden(shapes_fold
     dm.setup()
     loader = dm.train_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.prefetch_factor) == (1, False, 4)
+
+
+def test_tiny_sources_trained_on_the_cpu_load_in_the_main_process(shapes_folder):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    tiny = FolderDataModule(root=str(shapes_folder), image_size=96)  # 32-pixel images at crop 96
+    tiny.trainer = trainer
+    tiny.setup()
+    assert tiny.batch_transform is not None and tiny.train_dataloader().num_workers == 0
+    given = FolderDataModule(root=str(shapes_folder), image_size=96, num_workers=1)
+    given.trainer = trainer
+    given.setup()
+    assert given.train_dataloader().num_workers == 1
+    full_size = FolderDataModule(root=str(shapes_folder), image_size=32, resize_size=32)
+    full_size.trainer = trainer
+    full_size.setup()
+    assert full_size.batch_transform is None
+    assert full_size.train_dataloader().num_workers == default_num_workers()
 
 
 @pytest.mark.parametrize("overrides", [

@@ -100,7 +100,7 @@ class FeatureCache:
             log.info("feature cache: %s features of %d images from %s", split, len(labels), path)
             return TensorDataset(features, labels)
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False,
-                            num_workers=datamodule.num_workers)
+                            num_workers=datamodule.loader_workers())
         result = extract_features(self.backbone, loader, self.trainer, datamodule)
         log.info("feature cache: computed %s features of %d images", split, len(result))
         if path is not None and self.trainer.is_global_zero:
