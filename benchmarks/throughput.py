@@ -14,7 +14,7 @@ Data: ../shared/data/cifar10-jpeg.tar.gz beside the checkout when present (unpac
 dir), else generated 32-pixel JPEGs. Also prints a pipeline-only figure per loader process:
 500x375 and 1600x1200 JPEGs decoded and transformed to 224 by the product's loader vs the seed's.
 
-    python benchmarks/throughput.py [--steps 24]
+    python benchmarks/throughput.py [--steps 24] [--repeat 2]
     last line: speedup=<ours/seed> ours=<img/s> seed=<img/s> compute=<img/s>
 """
 
@@ -92,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--photos", type=int, default=40)
     args = parser.parse_args()
@@ -111,22 +112,32 @@ def main() -> None:
         root, source = write_image_folder(tmp / "gen", {"train": 64, "test": 8}, size=32, suffix=".jpg"), "generated 32px JPEGs"
     classes = len([d for d in (root / "train").iterdir() if d.is_dir()])
     print(f"data: {source}; ResNet-18 at 224, batch {args.batch}, {args.steps - args.warmup} timed steps, "
-          f"{default_num_workers()} loader workers, {torch.get_num_threads()} compute threads", flush=True)
+          f"{torch.get_num_threads()} compute threads, seed loader {default_num_workers()} workers "
+          f"(ours: the product's choice, logged as 'train loader')", flush=True)
     common = [f"data.root={root}", f"data.batch_size={args.batch}"]
     seed_loader = DataLoader(ImageFolder(str(root / "train"), transform=SEED_TRANSFORM), batch_size=args.batch,
                              shuffle=True, num_workers=default_num_workers(), drop_last=True)
     seed_recipe = [*common, "trainer.precision=32-true", "model.channels_last=false"]
-    seed = fit_rate("seed", [*seed_recipe, "reuse_freed_memory=false"], args.steps, args.warmup, seed_loader)
     batches = DataLoader(in_memory_batches(args.steps, args.batch, classes), batch_size=None)
-    compute_glibc = fit_rate("compute, glibc defaults", [*common, "reuse_freed_memory=false"],
-                             args.steps, args.warmup, batches)
-    seed_alloc = fit_rate("seed+allocator", seed_recipe, args.steps, args.warmup, seed_loader)
-    ours = fit_rate("ours", common, args.steps, args.warmup)
-    compute = fit_rate("compute", common, args.steps, args.warmup, batches)
-    print(f"ours/compute={ours / compute:.2f} ours/(seed+allocator)={ours / seed_alloc:.2f} "
-          f"allocator alone: fp32 seed {seed_alloc / seed:.2f}x, bf16 compute {compute / compute_glibc:.2f}x")
+    glibc = ["reuse_freed_memory=false"]
+    # The allocator setting lasts for the process, so everything with glibc's defaults runs first.
+    # Within each phase the runs alternate; the best of each counts (other jobs share the CPU).
+    phases = [
+        {"seed": ([*seed_recipe, *glibc], seed_loader), "compute, glibc defaults": ([*common, *glibc], batches)},
+        {"seed+allocator": (seed_recipe, seed_loader), "ours": (common, None), "compute": (common, batches)},
+    ]
+    best: dict[str, float] = {}
+    for phase in phases:
+        for _ in range(args.repeat):
+            for label, (overrides, loader) in phase.items():
+                rate = fit_rate(label, overrides, args.steps, args.warmup, loader)
+                best[label] = max(best.get(label, 0.0), rate)
+    seed, ours, compute = best["seed"], best["ours"], best["compute"]
+    print("best of " + str(args.repeat) + ": " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    print(f"ours/compute={ours / compute:.2f} ours/(seed+allocator)={ours / best['seed+allocator']:.2f} "
+          f"allocator alone: fp32 seed {best['seed+allocator'] / seed:.2f}x, "
+          f"bf16 compute {compute / best['compute, glibc defaults']:.2f}x")
     print(f"speedup={ours / seed:.2f} ours={ours:.1f} seed={seed:.1f} compute={compute:.1f}")
-
 
 if __name__ == "__main__":
     main()
