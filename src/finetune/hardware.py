@@ -104,9 +104,10 @@ def reuse_freed_memory() -> bool:
 
     A training step frees and reallocates the same 10-100 MB activation buffers every step. By
     default glibc serves blocks that big with mmap and unmaps them on free, so every step
-    page-faults and zero-fills them again: ~95,000 page faults and a fifth of a bf16 ResNet-18
-    step at 224 on a 2-core CPU (the same trick as LD_PRELOAD=libjemalloc in Intel's CPU
-    tuning guides, without a library to install). The cost: resident memory stays at its peak.
+    page-faults and zero-fills them again. In a plain bf16 ResNet-18 loop at 224 on 2 cores that
+    was ~95,000 faults and a sixth of the step; under the Trainer, benchmarks/throughput.py
+    measures 2-8%. The same remedy as LD_PRELOAD=libjemalloc in Intel's CPU tuning guides,
+    without a library to install. The cost: resident memory stays at its peak.
     Returns whether it took effect (False off glibc, e.g. macOS or musl).
     """
     if not sys.platform.startswith("linux"):
