@@ -51,6 +51,31 @@ def test_frozen_keeps_every_backbone_tensor_bitwise(make_cfg):
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head"]
 
 
+class BatchNormModes(L.Callback):
+    """Per training epoch: the set of `training` flags of the backbone's BatchNorm layers, seen at
+    every training step (after Lightning's validation restored the modules' modes)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, set[bool]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        flags = {m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        self.epochs.setdefault(trainer.current_epoch, set()).update(flags)
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    (["finetune=frozen", "finetune.callback.feature_cache=false"], {0: {False}, 1: {False}}),
+    (["finetune=gradual", "finetune.callback.unfreeze_at_epoch=1"], {0: {False}, 1: {True}}),
+])
+def test_frozen_batchnorm_normalises_with_running_statistics_while_training(make_cfg, strategy, expected):
+    """Otherwise training would see batch statistics and evaluation the running ones."""
+    dm, model, trainer = build(make_cfg(TINY + strategy + ["trainer.max_epochs=2", "+trainer.num_sanity_val_steps=1"]))
+    modes = BatchNormModes()
+    trainer.callbacks.append(modes)
+    trainer.fit(model, datamodule=dm)
+    assert modes.epochs == expected
+
+
 def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
     cfg = make_cfg(TINY + [
         "finetune=gradual", "finetune.callback.unfreeze_at_epoch=1",

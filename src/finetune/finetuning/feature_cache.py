@@ -62,7 +62,7 @@ def extract_features(
     Batches go through the datamodule's `on_after_batch_transfer`, as they would in training
     (small sources are resized and normalised on the device there).
     """
-    was_training = backbone.training
+    modes = {m: m.training for m in backbone.modules()}  # per module: frozen BatchNorm is already eval
     backbone.eval()
     device = trainer.strategy.root_device
     features, labels = [], []
@@ -75,7 +75,8 @@ def extract_features(
                 features.append(backbone(images).float().cpu())
                 labels.append(torch.as_tensor(targets))
     finally:
-        backbone.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     return TensorDataset(torch.cat(features), torch.cat(labels))
 
 

@@ -18,6 +18,15 @@ from finetune.finetuning.feature_cache import FeatureCache
 log = logging.getLogger("finetune")
 
 
+def reapply_train_mode(pl_module: L.LightningModule) -> None:
+    """Run the module's `train()` rule (BatchNorm with frozen parameters stays in eval) after
+    `requires_grad` changed. Lightning never calls `train()` during fit: it captures every
+    submodule's mode before validation and restores it after, so without this the mode from
+    construction (all training) would persist and frozen BatchNorm would normalise with batch
+    statistics while training and with running statistics while evaluating."""
+    pl_module.train(pl_module.training)
+
+
 class Frozen(BaseFinetuning):
     """Feature extraction / linear probe: only the head trains.
 
@@ -33,6 +42,7 @@ class Frozen(BaseFinetuning):
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=False)
+        reapply_train_mode(pl_module)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         pass
@@ -69,6 +79,7 @@ class Gradual(BaseFinetuning):
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         self.freeze(pl_module.backbone, train_bn=self.train_bn)
+        reapply_train_mode(pl_module)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if epoch != self.unfreeze_at_epoch:
@@ -76,6 +87,7 @@ class Gradual(BaseFinetuning):
         head = next(g for g in optimizer.param_groups if g.get("name") == "head")
         base_lr = head.get("initial_lr", head["lr"]) / head.get("lr_mult", 1.0)
         self.make_trainable(pl_module.backbone)
+        reapply_train_mode(pl_module)
         params = self.filter_on_optimizer(
             optimizer, self.filter_params(pl_module.backbone, train_bn=True, requires_grad=True)
         )
