@@ -50,6 +50,20 @@ def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
     assert epochs == {"1"}
 
 
+def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(make_cfg, tmp_path):
+    """lr=0: val/acc never improves after epoch 0, so only epoch_000.ckpt is a best checkpoint."""
+    cfg = make_cfg(["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", *SMALL,
+                    "data.batch_size=16", "logger=csv", "test=false", "trainer.max_epochs=3",
+                    "model.optimizer.lr=0"])
+    _, _, trainer = build(cfg)
+    assert trainer.checkpoint_callback.monitor == "val/acc"  # train() tests the best one
+    train(cfg)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch_000.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+
+
 @pytest.mark.slow
 def test_quickstart_learns_the_shapes_and_leaves_a_complete_run_dir(tmp_path):
     """The README's first training command, as a user runs it: >= 90% test accuracy offline."""
