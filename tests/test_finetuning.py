@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune.finetuning import FeatureCache
-from finetune.train import build
+from finetune.train import build, train
 
 TINY = [
     "data=shapes", "data.train_size=96", "data.val_size=32", "data.test_size=32",
@@ -156,3 +156,19 @@ def test_feature_cache_sees_batches_resized_on_the_device(make_cfg):
     assert dm.batch_transform is not None
     features = dm.datasets["train"].tensors[0]
     assert features.shape == (len(dm.datasets["train"]), 512) and torch.isfinite(features).all()
+
+
+def test_gradual_resumed_after_the_unfreeze_keeps_training_the_backbone(make_cfg, tmp_path):
+    run = TINY + ["finetune=gradual", "finetune.callback.unfreeze_at_epoch=1", "test=false",
+                  "callbacks=default", "callbacks.rich_progress_bar=null", "model.optimizer.lr=0.01"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    train(make_cfg(run + ["trainer.max_epochs=2"]))  # epoch 1 trained the backbone
+    before = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    dm, model, trainer = build(make_cfg(run + ["trainer.max_epochs=3"]))
+    modes = BatchNormModes()
+    trainer.callbacks.append(modes)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last), weights_only=False)
+    after = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    backbone = [k for k in before if k.startswith("backbone.") and k.endswith("weight")]
+    assert len([k for k in backbone if not torch.equal(before[k], after[k])]) > 10
+    assert modes.epochs == {2: {True}}  # as in an uninterrupted run after the unfreeze

@@ -81,6 +81,14 @@ class Gradual(BaseFinetuning):
         self.freeze(pl_module.backbone, train_bn=self.train_bn)
         reapply_train_mode(pl_module)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On resume, Lightning restores the optimizer's "backbone" group but `setup` has just
+        frozen the backbone again; past the unfreeze it must train."""
+        super().on_fit_start(trainer, pl_module)
+        if any(g.get("name") == "backbone" for opt in trainer.optimizers for g in opt.param_groups):
+            self.make_trainable(pl_module.backbone)
+            reapply_train_mode(pl_module)
+
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if epoch != self.unfreeze_at_epoch:
             return
