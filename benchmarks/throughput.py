@@ -139,5 +139,6 @@ def main() -> None:
           f"bf16 compute {compute / best['compute, glibc defaults']:.2f}x")
     print(f"speedup={ours / seed:.2f} ours={ours:.1f} seed={seed:.1f} compute={compute:.1f}")
 
+
 if __name__ == "__main__":
     main()
