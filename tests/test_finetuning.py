@@ -48,7 +48,7 @@ def test_frozen_keeps_every_backbone_tensor_bitwise(make_cfg):
     assert changed(backbone, snapshot(model.backbone)) == []  # weights and BN running stats
     assert any(k.endswith("running_mean") for k in backbone)
     assert sorted(changed(head, snapshot(model.head))) == ["1.bias", "1.weight"]
-    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head"]
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "head.no_decay"]
 
 
 class BatchNormModes(L.Callback):
@@ -89,23 +89,27 @@ def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
     trainer.fit(model, datamodule=dm)
     assert changed(start, spy.backbone[0]) == []
     assert len(changed(spy.backbone[0], spy.backbone[1])) > 10
-    assert spy.groups[0] == [("head", 0.01)]
-    assert spy.groups[1] == [("head", 0.01), ("backbone", pytest.approx(0.001))]
+    assert spy.groups[0] == [("head", 0.01), ("head.no_decay", 0.01)]
+    assert spy.groups[1] == [("head", 0.01), ("head.no_decay", 0.01),
+                             ("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001))]
 
 
 def test_head_lr_mult_and_layer_decay_set_group_learning_rates(make_cfg):
     cfg = make_cfg(TINY + ["finetune=full", "model.head_lr_mult=10", "model.optimizer.lr=5e-5"])
     _, model, _ = build(cfg)
     groups = {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups}
-    assert groups == {"backbone": pytest.approx(5e-5), "head": pytest.approx(5e-4)}
+    assert groups == {"backbone": pytest.approx(5e-5), "backbone.no_decay": pytest.approx(5e-5),
+                      "head": pytest.approx(5e-4), "head.no_decay": pytest.approx(5e-4)}
 
     cfg = make_cfg(TINY + ["finetune=full", "model.layer_decay=0.5", "model.optimizer.lr=1e-3"])
     _, model, _ = build(cfg)
     lrs = {g["name"]: g["lr"] for g in model.configure_optimizers().param_groups}
+    # As in timm: the head is the top layer; resnet18 has a stem and 8 blocks below it.
     assert lrs["head"] == pytest.approx(1e-3)
-    assert lrs["backbone.layer4"] == pytest.approx(1e-3)
-    assert lrs["backbone.layer3"] == pytest.approx(5e-4)
-    assert lrs["backbone.conv1"] == pytest.approx(1e-3 * 0.5 ** 5)
+    assert lrs["backbone.layer4.1"] == pytest.approx(5e-4)
+    assert lrs["backbone.layer4.0"] == pytest.approx(2.5e-4)
+    assert lrs["backbone.layer3.1.no_decay"] == pytest.approx(1.25e-4)
+    assert lrs["backbone.stem"] == pytest.approx(1e-3 * 0.5 ** 9)
 
 
 def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg, tmp_path):

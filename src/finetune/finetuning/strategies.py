@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch.optim import Optimizer
 
 from finetune.finetuning.feature_cache import FeatureCache
+from finetune.finetuning.param_groups import backbone_groups, check_partition
 
 log = logging.getLogger("finetune")
 
@@ -67,8 +68,10 @@ class Frozen(BaseFinetuning):
 class Gradual(BaseFinetuning):
     """Train the head alone for `unfreeze_at_epoch` epochs, then the backbone too, slower.
 
-    The backbone joins the optimizer as its own group named "backbone" at `backbone_lr_mult` times
-    the base learning rate, so its curve shows in the learning-rate monitor.
+    The backbone joins the optimizer with the groups `finetune=full` would give it (one "backbone"
+    group, or one per block with `model.layer_decay`; weight decay as `model.decay_norm_and_bias`
+    says), each at `backbone_lr_mult` times that group's rate, so every curve shows in the
+    learning-rate monitor and layer decay survives the unfreeze.
     """
 
     def __init__(self, unfreeze_at_epoch: int = 1, backbone_lr_mult: float = 0.1, train_bn: bool = False) -> None:
@@ -82,25 +85,37 @@ class Gradual(BaseFinetuning):
         reapply_train_mode(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """On resume, Lightning restores the optimizer's "backbone" group but `setup` has just
+        """On resume, Lightning restores the optimizer's backbone groups but `setup` has just
         frozen the backbone again; past the unfreeze it must train."""
         super().on_fit_start(trainer, pl_module)
-        if any(g.get("name") == "backbone" for opt in trainer.optimizers for g in opt.param_groups):
+        if any(is_backbone_group(g) for opt in trainer.optimizers for g in opt.param_groups):
             self.make_trainable(pl_module.backbone)
             reapply_train_mode(pl_module)
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if epoch != self.unfreeze_at_epoch:
             return
-        head = next(g for g in optimizer.param_groups if g.get("name") == "head")
-        base_lr = head.get("initial_lr", head["lr"]) / head.get("lr_mult", 1.0)
         self.make_trainable(pl_module.backbone)
         reapply_train_mode(pl_module)
-        params = self.filter_on_optimizer(
-            optimizer, self.filter_params(pl_module.backbone, train_bn=True, requires_grad=True)
-        )
-        lr = base_lr * self.backbone_lr_mult
-        optimizer.add_param_group(
-            {"params": params, "lr": lr, "initial_lr": lr, "name": "backbone", "lr_mult": self.backbone_lr_mult}
-        )
-        log.info("epoch %d: backbone unfrozen at lr %.3g", epoch, lr)
+        base_lr = optimizer.defaults["lr"]  # the configured rate; groups carry their own multiples
+        taken = {id(p) for g in optimizer.param_groups for p in g["params"]}  # BN with train_bn=true
+        names = {g.get("name") for g in optimizer.param_groups}
+        hparams = pl_module.hparams
+        for group in backbone_groups(pl_module.backbone, hparams.get("layer_decay"),
+                                     hparams.get("decay_norm_and_bias", False)):
+            params = [p for p in group["params"] if id(p) not in taken]
+            if not params:
+                continue
+            mult = group["lr_mult"] * self.backbone_lr_mult
+            name = group["name"] if group["name"] not in names else group["name"] + ".unfrozen"
+            optimizer.add_param_group({**group, "params": params, "name": name, "lr_mult": mult,
+                                       "lr": base_lr * mult, "initial_lr": base_lr * mult})
+        check_partition(optimizer.param_groups, pl_module)
+        log.info("epoch %d: backbone unfrozen at %.3g x the learning rate%s", epoch, self.backbone_lr_mult,
+                 " with layer decay" if hparams.get("layer_decay") else "")
+
+
+def is_backbone_group(group: dict) -> bool:
+    """A parameter group named by `param_groups` for backbone parameters."""
+    name = str(group.get("name", ""))
+    return name == "backbone" or name.startswith("backbone.")

@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
-from finetune.finetuning.param_groups import param_groups
+from finetune.finetuning.param_groups import check_partition, param_groups
 from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
 
@@ -50,6 +50,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         head_lr_mult: float = 1.0,
         layer_decay: float | None = None,
+        decay_norm_and_bias: bool = False,
         preprocessing: dict[str, Any] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
@@ -153,8 +154,14 @@ class ImageClassifier(L.LightningModule):
 
     # --- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        """The optimizer over `param_groups` (per-block rates with `layer_decay`; no weight decay on
+        biases, norm weights and embeddings unless `decay_norm_and_bias`), each group at
+        `lr_mult` times the configured rate. Raises RuntimeError if the groups miss or repeat a
+        trainable parameter: such a parameter would silently never train, or train twice."""
         optimizer_factory = self.hparams.optimizer or partial(torch.optim.Adam, lr=1e-3)
-        groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay)
+        groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay,
+                              decay_norm_and_bias=self.hparams.decay_norm_and_bias)
+        check_partition(groups, self)
         optimizer = optimizer_factory(params=groups)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group["lr_mult"]
