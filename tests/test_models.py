@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from types import SimpleNamespace
 
@@ -81,3 +82,58 @@ def test_unknown_model_and_unknown_weights_name():
         create_backbone("resnet50", "IMAGENET1K_V9")
     assert "model.weights=IMAGENET1K_V9" in str(info.value)
     assert str(info.value).count("DEFAULT") == 1
+
+
+# --- downloads checked against the sha256 prefix in the file name (torchvision's convention) ---------
+def _serve_state_dict(www, stem: str, wrong_hash: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    """A small state dict served as `stem-<sha256 prefix>.pth`; with `wrong_hash` the prefix lies."""
+    state = torch.nn.Linear(4, 3).state_dict()
+    torch.save(state, www / "tmp.pth")
+    digest = hashlib.sha256((www / "tmp.pth").read_bytes()).hexdigest()
+    prefix = ("0" if digest[0] != "0" else "1") + digest[1:8] if wrong_hash else digest[:8]
+    name = f"{stem}-{prefix}.pth"
+    (www / "tmp.pth").rename(www / name)
+    return name, state
+
+
+def test_a_downloaded_file_whose_hash_matches_its_name_is_loaded(http_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    www, base = http_server
+    name, state = _serve_state_dict(www, "tiny", wrong_hash=False)
+    loaded = fetch_state_dict(SimpleNamespace(url=f"{base}/{name}"))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).is_file()
+
+
+def test_a_download_whose_hash_differs_from_its_name_is_one_error_and_not_cached(http_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    www, base = http_server
+    name, _ = _serve_state_dict(www, "tiny", wrong_hash=True)
+    with pytest.raises(FinetuneError) as info:
+        fetch_state_dict(SimpleNamespace(url=f"{base}/{name}"))
+    message = str(info.value)
+    assert "\n" not in message and name in message and "sha256" in message and "model.weights=" in message
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert list(cache.iterdir()) == []  # neither the file nor torch.hub's temporary copy
+
+
+def test_a_damaged_cached_file_is_replaced_or_named(http_server, tmp_path, monkeypatch, caplog):
+    """A file truncated after download (a copy cut short) is hashed when it cannot be read:
+    removed and fetched again while the server is there; offline, the error names the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    www, base = http_server
+    name, state = _serve_state_dict(www, "tiny", wrong_hash=False)
+    weights = SimpleNamespace(url=f"{base}/{name}")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / name
+    fetch_state_dict(weights)
+    cached.write_bytes(cached.read_bytes()[:-40])
+
+    loaded = fetch_state_dict(weights)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert f"removed {cached}: damaged" in caplog.text
+
+    cached.write_bytes(cached.read_bytes()[:-40])
+    (www / name).unlink()
+    with pytest.raises(FinetuneError, match="cannot download") as info:
+        fetch_state_dict(weights)
+    assert str(cached) in str(info.value) and not cached.exists()

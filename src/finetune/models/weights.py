@@ -14,6 +14,8 @@ fix. Every file is read with `weights_only=True`.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import pickle
 import socket
@@ -30,6 +32,8 @@ from torchvision.models import WeightsEnum
 
 from finetune.errors import FinetuneError
 from finetune.models import packaged as packaged_lib
+
+log = logging.getLogger("finetune")
 
 DOWNLOAD_TIMEOUT_S = 15
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -142,14 +146,33 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def fetch_url(url: str, what: str) -> Path:
-    """The file behind `url` in torch.hub's cache, downloaded first if it is not there yet."""
+def hash_prefix(url: str) -> str | None:
+    """The sha256 prefix torchvision writes into its file names (resnet18-f37072fd.pth), read
+    with torch.hub's own pattern, as load_state_dict_from_url(check_hash=True) reads it."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
+    return match.group(1) if match and match.group(1) else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_url(url: str, what: str, expected_hash: str | None = None) -> Path:
+    """The file behind `url` in torch.hub's cache, downloaded first if it is not there yet.
+
+    With `expected_hash` (a sha256 prefix) torch.hub checks the download before moving it into
+    place, so a damaged or substituted file never lands in the cache.
+    """
     path = url_cache_path(url)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-                torch.hub.download_url_to_file(url, str(path), progress=False)
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=expected_hash, progress=False)
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise FinetuneError(
@@ -157,12 +180,35 @@ def fetch_url(url: str, what: str) -> Path:
                 "(or run `python -m finetune.prefetch` with internet), or use model.weights=null "
                 "for random init, or model.weights=/path/to/state_dict.pth"
             ) from None
+        except RuntimeError as e:  # the only RuntimeError download_url_to_file raises: a bad hash
+            if expected_hash is None:
+                raise
+            raise FinetuneError(
+                f"downloaded {what} from {url} does not match the sha256 prefix {expected_hash} in "
+                f"its name {path.name} ({e}); it was not saved to {path}. Run again (a damaged "
+                "download), or use model.weights=null or model.weights=/path/to/state_dict.pth"
+            ) from None
     return path
 
 
 def fetch_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
-    """The weights' state dict, from torch.hub's cache or, failing that, from the network."""
-    return torch.load(fetch_url(weights.url, str(weights)), map_location="cpu", weights_only=True)
+    """The weights' state dict, from torch.hub's cache or, failing that, from the network.
+
+    Downloads are checked against the hash in the file name. A cached file is not re-hashed on
+    every run (torchvision does not either); only when it cannot be read is it hashed, and if it
+    is damaged it is removed and fetched again.
+    """
+    expected = hash_prefix(weights.url)
+    path = fetch_url(weights.url, str(weights), expected)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError):
+        if expected is None or _sha256(path).startswith(expected):
+            raise
+    log.warning("removed %s: damaged (its sha256 does not start with %s, as its name says); fetching it again",
+                path, expected)
+    path.unlink(missing_ok=True)
+    return torch.load(fetch_url(weights.url, str(weights), expected), map_location="cpu", weights_only=True)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
