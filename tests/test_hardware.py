@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +36,67 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert hardware.resolve_precision("auto", "auto")[0] == "16-mixed"
     assert hardware.resolve_precision("32-true", "gpu") == ("32-true", "set explicitly")
+
+
+def kernel_bf16_flags() -> bool | None:
+    """What `lscpu` would list: the Linux kernel's CPU flags, read here independently of the code."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@pytest.mark.skipif(kernel_bf16_flags() is None, reason="no x86 /proc/cpuinfo flags on this machine")
+def test_bf16_detection_agrees_with_the_kernel_and_with_torch():
+    """The real detection on this machine, from both sources: the kernel's flags and, where torch
+    still has them, its private probes (which read CPUID themselves)."""
+    expected = kernel_bf16_flags()
+    assert hardware.cpu_bf16_support() == (expected, "/proc/cpuinfo")
+    assert hardware.resolve_precision("auto", "cpu")[0] == ("bf16-mixed" if expected else "32-true")
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(p) for p in probes):
+        assert any(p() for p in probes) == expected
+
+
+def _drop_torch_probes(monkeypatch) -> None:
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+
+
+@pytest.mark.skipif(kernel_bf16_flags() is None, reason="no x86 /proc/cpuinfo flags on this machine")
+def test_without_torchs_private_probes_bf16_is_still_detected(monkeypatch, caplog):
+    _drop_torch_probes(monkeypatch)
+    expected = kernel_bf16_flags()
+    assert hardware.cpu_has_fast_bf16() is expected
+    assert hardware.resolve_precision("auto", "cpu")[0] == ("bf16-mixed" if expected else "32-true")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_torchs_probes_answer_where_there_is_no_flag_list(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None)  # macOS, Windows
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert hardware.cpu_bf16_support() == (True, "torch.cpu")
+
+
+def test_when_nothing_can_tell_auto_warns_and_uses_fp32(monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: None)
+    _drop_torch_probes(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert hardware.resolve_precision("auto", "cpu") == ("32-true", "could not detect native bf16 on this CPU")
+    (record,) = [r for r in caplog.records if "cannot tell whether this CPU has native bf16" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "_is_avx512_bf16_supported" in record.getMessage()
+
+
+def test_cpu_flags_reads_the_x86_and_the_arm_spelling(tmp_path):
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\nCPU part\t: 0xd40\n")
+    assert hardware.cpu_flags(x86) == {"fpu", "avx512f", "avx512_bf16", "amx_tile"}
+    assert hardware.cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert hardware.cpu_flags(tmp_path / "missing") is None
 
 
 def test_unknown_precision_is_one_line():
@@ -139,6 +202,8 @@ def write_stripes(root, per_split: dict[str, int], size: int = 32, seed: int = 0
 @pytest.mark.slow
 def test_auto_precision_is_as_accurate_as_fp32(make_cfg, tmp_path):
     """Both runs learn the task to ~99%, so a precision that hurt training would show."""
+    if hardware.resolve_precision("auto", "cpu")[0] == "32-true":
+        pytest.skip("no native bf16 on this CPU: auto is 32-true, so this would compare fp32 with fp32")
     root = write_stripes(tmp_path / "stripes", {"train": 120, "test": 100})
     results = {}
     for precision in ("32-true", "auto"):

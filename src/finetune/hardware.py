@@ -9,13 +9,17 @@ without knowing it, and keep the last word through explicit values.
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
 
 AUTO = "auto"
 # Lightning's spellings; "auto" is ours and is resolved before the Trainer sees it.
@@ -38,13 +42,48 @@ def device_type(accelerator: str | None) -> str:
     return "cpu"
 
 
-def cpu_has_fast_bf16() -> bool:
+# The x86 features behind a native bf16 dot product, as Linux spells them in /proc/cpuinfo.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# torch's own probes: private (torch.cpu._is_*), so only a fallback where /proc/cpuinfo is absent.
+_TORCH_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags the Linux kernel reports (x86 `flags`, Arm `Features`), or None
+    where there is no such file (macOS, Windows)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def cpu_bf16_support() -> tuple[bool | None, str]:
+    """(whether the CPU has native bf16, where that answer came from); None when no source could tell.
+
+    The kernel's flag list is public and stable; torch's probes are private helpers that a torch
+    release may rename or drop, so they are asked only where there is no flag list. The public
+    torch.backends.cpu.get_cpu_capability() cannot tell: it says "AVX512" on an AMX-BF16 Xeon too.
+    """
+    flags = cpu_flags()
+    if flags is not None:
+        return any(f in flags for f in BF16_CPU_FLAGS), "/proc/cpuinfo"
+    probes = [getattr(torch.cpu, name, None) for name in _TORCH_BF16_PROBES]
+    if all(callable(p) for p in probes):
+        return any(bool(p()) for p in probes), "torch.cpu"
+    return None, "no /proc/cpuinfo and no torch.cpu bf16 probe (" + ", ".join(_TORCH_BF16_PROBES) + ")"
+
+
+def cpu_has_fast_bf16() -> bool | None:
     """Native bf16 dot products (AVX512-BF16 or AMX): there bf16 autocast beats fp32 ~2.5x.
 
-    Without them PyTorch emulates bf16 and mixed precision is slower than fp32.
+    Without them PyTorch emulates bf16 and mixed precision is slower than fp32. None: could not tell.
     """
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return cpu_bf16_support()[0]
 
 
 def best_precision(device: str) -> tuple[str, str]:
@@ -57,7 +96,15 @@ def best_precision(device: str) -> tuple[str, str]:
             return "bf16-mixed", f"GPU compute capability {major}.{minor} has bf16 tensor cores"
         return "16-mixed", f"GPU compute capability {major}.{minor}: fp16 with loss scaling"
     if device == "cpu":
-        if cpu_has_fast_bf16():
+        fast = cpu_has_fast_bf16()
+        if fast is None:
+            log.warning(
+                "trainer.precision=auto: cannot tell whether this CPU has native bf16 (%s); using "
+                "32-true, which may be ~2.5x slower. Set trainer.precision=bf16-mixed if it has "
+                "AVX512-BF16 or AMX", cpu_bf16_support()[1],
+            )
+            return "32-true", "could not detect native bf16 on this CPU"
+        if fast:
             return "bf16-mixed", "CPU has native bf16 (AVX512-BF16/AMX)"
         return "32-true", "CPU has no native bf16"
     return "32-true", f"no measured fast path on {device}"
