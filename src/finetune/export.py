@@ -4,7 +4,8 @@ says how to feed it, checked against PyTorch before it is handed over.
 The JSON next to the model holds the class names and the preprocessing (resize, crop, mean, std,
 interpolation) from the checkpoint, so a consumer never has to guess them; the parity check runs
 the exported file (onnxruntime for ONNX) on a fresh batch of another size than the export sample,
-which also proves the batch dimension is dynamic.
+which also proves the batch dimension is dynamic. With `check_input=FILE_OR_DIR` that batch is real
+images, decoded and transformed exactly as predict.py and the run's evaluation read them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from finetune.data.image_files import find_files, model_inputs
+from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import FORMATS, export_model, run_exported
@@ -24,6 +27,26 @@ from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def check_batch(cfg: DictConfig, p: Preprocessing, generator: torch.Generator) -> torch.Tensor:
+    """The parity check's inputs: the first `check_batch_size` readable images of `check_input`
+    through the model's own decoder and eval transform, or random tensors without `check_input`."""
+    size = cfg.check_batch_size
+    if not cfg.get("check_input"):
+        return torch.randn(size, 3, p.crop_size, p.crop_size, generator=generator)
+    dataset = model_inputs(find_files(cfg.check_input), p)
+    images = []
+    for index in range(len(dataset)):
+        _, image, _ = dataset[index]
+        if image is not None:
+            images.append(image)
+        if len(images) == size:
+            break
+    if not images:
+        raise FinetuneError(f"check_input={cfg.check_input} holds no readable images; "
+                            "pass check_input=FILE_OR_DIR with images, or check_input=null")
+    return torch.stack(images)
 
 
 def export(cfg: DictConfig) -> dict:
@@ -39,7 +62,7 @@ def export(cfg: DictConfig) -> dict:
     p = model.preprocessing
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(cfg.sample_batch_size, 3, p.crop_size, p.crop_size, generator=generator)
-    check = torch.randn(cfg.check_batch_size, 3, p.crop_size, p.crop_size, generator=generator)
+    check = check_batch(cfg, p, generator)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, cfg.format, target, sample)
@@ -61,16 +84,18 @@ def export(cfg: DictConfig) -> dict:
         "class_names": list(model.class_names),
         "preprocessing": {
             "resize_size": p.resize_size, "crop_size": p.crop_size, "interpolation": p.interpolation,
-            "mean": list(p.mean), "std": list(p.std),
-            "steps": "resize the short side to resize_size, center-crop crop_size, scale to [0, 1], normalise",
+            "mean": list(p.mean), "std": list(p.std), "draft_decode": p.draft_decode,
+            "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
+                     "scale to [0, 1], normalise",
         },
         "parity": {"passed": passed, "max_abs_diff": max_diff, "atol": cfg.atol, "rtol": cfg.rtol,
-                   "batch_size": cfg.check_batch_size, "against": f"PyTorch {torch.__version__}"},
+                   "batch_size": len(check), "against": f"PyTorch {torch.__version__}",
+                   "inputs": str(cfg.check_input) if cfg.get("check_input") else "random normal"},
     }
     described.write_text(json.dumps(info, indent=2) + "\n")
     verdict = "passed" if passed else "FAILED"
     print(f"wrote {target} and {described.name}")
-    print(f"parity check {verdict}: max |exported - pytorch| = {max_diff:.2e} on {cfg.check_batch_size} "
+    print(f"parity check {verdict}: max |exported - pytorch| = {max_diff:.2e} on {len(check)} "
           f"images (atol={cfg.atol}, rtol={cfg.rtol})")
     if not passed:
         raise FinetuneError(
@@ -78,6 +103,15 @@ def export(cfg: DictConfig) -> dict:
             "files kept for inspection; a real bug unless atol was set very tight"
         )
     return info
+
+
+def decode_step(p: Preprocessing) -> str:
+    """How the model's images were decoded, as the first of the JSON's preprocessing steps."""
+    if not p.draft_decode:
+        return "decode fully to RGB, "
+    return (f"decode to RGB, JPEGs whose short side is at least {2 * max(p.resize_size, p.crop_size)} "
+            "at 1/2, 1/4 or 1/8 scale (Pillow's draft mode, libjpeg DCT scaling; the short side "
+            f"kept >= {max(p.resize_size, p.crop_size)}), ")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")

@@ -19,8 +19,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from finetune.callbacks import PredictionWriter
-from finetune.data.image_files import ImageFiles, find_files
-from finetune.data.transforms import eval_transform
+from finetune.data.image_files import find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
@@ -47,7 +46,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     model = load_classifier(cfg.ckpt_path)
     files = find_files(cfg.input)
     p = model.preprocessing
-    dataset = ImageFiles(files, eval_transform(p), shape=(3, p.crop_size, p.crop_size))
+    dataset = model_inputs(files, p)  # decoded as the run was evaluated (p.draft_decode)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=dataset.collate)
     log.info("predicting %d files with %s | preprocessing: %s", len(files), cfg.ckpt_path, p)

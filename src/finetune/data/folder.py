@@ -6,9 +6,9 @@ line before any model is built.
 
 from __future__ import annotations
 
-import math
+import logging
 import os
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
@@ -16,11 +16,13 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.data.datamodule import ImageDataModule
+from finetune.data.datamodule import ImageDataModule, upsample_on_device
+from finetune.data.decode import decoder, load_rgb  # noqa: F401  (load_rgb: its former home)
 from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
+log = logging.getLogger("finetune")
 LAYOUT = "expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ optional)"
 
 
@@ -67,24 +69,8 @@ def check_tree(root: Path) -> list[str]:
     return classes
 
 
-def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Open an image as RGB; a JPEG at least twice `min_side` is decoded at 1/2, 1/4 or 1/8 scale.
-
-    Pillow's draft mode has libjpeg skip the fine DCT coefficients, so a 500x375 photo read for a
-    224-pixel crop decodes about 2x faster; the short side never drops below `min_side`.
-    """
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        if min_side and image.format == "JPEG":
-            w, h = image.size
-            scale = min_side / min(w, h)
-            if scale <= 0.5:
-                image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        return image.convert("RGB")
-
-
-def largest_side(root: Path, samples: int = 16) -> int | None:
-    """The longest image side among the first few files of each class folder (headers only)."""
+def sample_sides(root: Path, samples: int = 16) -> list[int]:
+    """The longest side of each of the first few files of each class folder (headers only)."""
     sides = []
     for class_dir in sorted(e.path for e in os.scandir(root) if e.is_dir()):
         names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMG_EXTENSIONS))
@@ -93,18 +79,46 @@ def largest_side(root: Path, samples: int = 16) -> int | None:
                 sides.append(max(image.size))
         if len(sides) >= samples:
             break
-    return max(sides) if sides else None
+    return sides
+
+
+def largest_side(root: Path, samples: int = 16, crop_size: int | None = None) -> int | None:
+    """The longest image side among the first few files of each class folder (headers only).
+
+    The input pipeline is chosen from this one number (upsampling on the device for sources at
+    most half `crop_size`), so a sample whose sizes vary widely is said out loud.
+    """
+    sides = sample_sides(root, samples)
+    if not sides:
+        return None
+    low, high = min(sides), max(sides)
+    if high > 2 * low:
+        if crop_size is not None and upsample_on_device(high, crop_size):
+            chosen = (f"images are cropped at {high} px and upsampled to {crop_size} on the device, "
+                      "so larger images outside the sample lose detail")
+        else:
+            chosen = "images are resized one by one on the CPU, which is slow for tiny images"
+        log.warning(
+            "%s: image sides in a sample of %d files range from %d to %d px; the input pipeline is "
+            "chosen from the largest: %s; set data.resize_on_device=true|false to choose it yourself",
+            root, len(sides), low, high, chosen,
+        )
+    return high
 
 
 class FolderDataModule(ImageDataModule):
     """Images from `root`/{train,val,test}/<class>/; val is split off train when absent.
 
     `cache=True` trains from a copy shrunk to the resize size under `cache_dir` (built once,
-    rebuilt when the source changes); without it JPEGs are still decoded at reduced size.
+    rebuilt when the source changes); without it JPEGs are still decoded at reduced size, unless
+    `draft_decode=False` (None: the model's recorded choice, True for a new run).
     """
 
-    def __init__(self, root: str, cache: bool = False, cache_dir: str | None = None, **kwargs) -> None:
+    def __init__(self, root: str, cache: bool = False, cache_dir: str | None = None,
+                 draft_decode: bool | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.overrides["draft_decode"] = draft_decode
+        self.preprocessing = self.preprocessing.override(draft_decode=draft_decode)
         self.root = Path(root).expanduser()
         self.cache = cache
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root.parent / ".cache"
@@ -116,7 +130,7 @@ class FolderDataModule(ImageDataModule):
 
     def source_size(self) -> int | None:
         if not hasattr(self, "_source_size"):
-            self._source_size = largest_side(self.root / "train")
+            self._source_size = largest_side(self.root / "train", crop_size=self.preprocessing.crop_size)
         return self._source_size
 
     def prepare_data(self) -> None:
@@ -126,9 +140,11 @@ class FolderDataModule(ImageDataModule):
         """`root`, or its shrunk copy when caching pays (images larger than the resize size)."""
         if self._image_root is None:
             self._image_root = self.root
-            short = max(self.preprocessing.resize_size, self.preprocessing.crop_size)
+            p = self.preprocessing
+            short = max(p.resize_size, p.crop_size)
             if self.cache and (self.source_size() or 0) > short:
-                self._image_root = resized_copy(self.root, self.cache_dir, short, self.num_workers)
+                self._image_root = resized_copy(self.root, self.cache_dir, short, self.num_workers,
+                                                draft=p.draft_decode)
         return self._image_root
 
     def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
@@ -139,5 +155,4 @@ class FolderDataModule(ImageDataModule):
         folder = self.image_root() / split
         if split == "val" and not folder.exists():
             return None
-        loader = partial(load_rgb, min_side=max(self.preprocessing.resize_size, self.preprocessing.crop_size))
-        return ImageFolder(str(folder), transform=transform, loader=loader)
+        return ImageFolder(str(folder), transform=transform, loader=decoder(self.preprocessing))

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import default_loader
 
+from finetune.data.decode import decoder, load_rgb
+from finetune.data.transforms import Preprocessing, eval_transform
 from finetune.errors import FinetuneError
 
 # What PIL and the transform raise for a file that is not a usable image.
@@ -38,12 +39,12 @@ def find_files(path: str | Path) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """`files` through `transform` (which must give `shape`); `collate` makes
-    (images, paths, skipped) batches where skipped lists (path, reason) for unreadable files."""
+    """`files` read by `loader` and put through `transform` (which must give `shape`); `collate`
+    makes (images, paths, skipped) batches where skipped lists (path, reason) for unreadable files."""
 
     def __init__(self, files: list[Path], transform: Callable[[Any], torch.Tensor],
-                 shape: tuple[int, int, int]) -> None:
-        self.files, self.transform, self.shape = files, transform, shape
+                 shape: tuple[int, int, int], loader: Callable[[str], Image.Image] = load_rgb) -> None:
+        self.files, self.transform, self.shape, self.loader = files, transform, shape, loader
 
     def __len__(self) -> int:
         return len(self.files)
@@ -51,7 +52,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
         path = str(self.files[index])
         try:
-            image = self.transform(default_loader(path))
+            image = self.transform(self.loader(path))
         except UnidentifiedImageError:
             return path, None, "not an image (PIL cannot identify the format)"
         except _UNREADABLE as e:
@@ -65,3 +66,9 @@ class ImageFiles(Dataset):
         skipped = [(path, reason) for path, image, reason in items if image is None]
         images = torch.stack([image for _, image in good]) if good else torch.empty(0, *self.shape)
         return images, [path for path, _ in good], skipped
+
+
+def model_inputs(files: list[Path], p: Preprocessing) -> ImageFiles:
+    """`files` decoded and transformed exactly as a model with preprocessing `p` was evaluated
+    (the same decoder as training's, then the eval transform): what predict and export feed it."""
+    return ImageFiles(files, eval_transform(p), (3, p.crop_size, p.crop_size), loader=decoder(p))

@@ -37,16 +37,22 @@ def list_images(root: Path) -> list[tuple[str, int, int]]:
     return sorted(entries)
 
 
-def cache_path(root: Path, cache_dir: Path, short_side: int) -> Path:
+def cache_path(root: Path, cache_dir: Path, short_side: int, draft: bool = True) -> Path:
     """Where the copy of `root` at `short_side` lives; the name changes whenever the source does."""
     root = root.resolve()
     source = hashlib.sha256(str(root).encode()).hexdigest()[:8]
-    listing = hashlib.sha256(repr((VERSION, short_side, list_images(root))).encode()).hexdigest()[:12]
+    key: tuple = (VERSION, short_side, list_images(root))
+    if not draft:  # other pixels; draft copies keep the names they had before the switch existed
+        key += ("full-decode",)
+    listing = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
     return cache_dir / f"{root.name}-{source}-{short_side}px-{listing}"
 
 
-def shrink(src: Path, dst: Path, short_side: int) -> None:
-    """Write `src` with its short side reduced to `short_side` (JPEG); smaller images are copied."""
+def shrink(src: Path, dst: Path, short_side: int, draft: bool = True) -> None:
+    """Write `src` with its short side reduced to `short_side` (JPEG); smaller images are copied.
+
+    `draft`: decode JPEGs at reduced scale first, as `finetune.data.decode.load_rgb` does.
+    """
     with Image.open(src) as image:
         w, h = image.size
         if min(w, h) <= short_side:
@@ -55,7 +61,8 @@ def shrink(src: Path, dst: Path, short_side: int) -> None:
             return
         scale = short_side / min(w, h)
         size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
-        image.draft("RGB", size)
+        if draft:
+            image.draft("RGB", size)
         small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     small.save(dst.with_suffix(".jpg"), quality=JPEG_QUALITY)
@@ -64,21 +71,23 @@ def shrink(src: Path, dst: Path, short_side: int) -> None:
 class _ShrinkAll(Dataset):
     """One item per file, so a DataLoader's workers do the shrinking in parallel."""
 
-    def __init__(self, root: Path, target: Path, files: list[str], short_side: int) -> None:
+    def __init__(self, root: Path, target: Path, files: list[str], short_side: int, draft: bool) -> None:
         self.root, self.target, self.files, self.short_side = root, target, files, short_side
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> int:
-        shrink(self.root / self.files[i], self.target / self.files[i], self.short_side)
+        shrink(self.root / self.files[i], self.target / self.files[i], self.short_side, self.draft)
         return i
 
 
-def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int = 0) -> Path:
+def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int = 0,
+                 draft: bool = True) -> Path:
     """The tree at `root` with images shrunk to `short_side`: reused if current, else (re)built."""
     root = root.resolve()
-    target = cache_path(root, cache_dir, short_side)
+    target = cache_path(root, cache_dir, short_side, draft)
     if target.is_dir():
         return target
     prefix = target.name.rsplit("-", 1)[0] + "-"
@@ -90,7 +99,8 @@ def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int 
     staging = cache_dir / f".{target.name}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    loader = DataLoader(_ShrinkAll(root, staging, files, short_side), batch_size=None, num_workers=num_workers)
+    shrink_all = _ShrinkAll(root, staging, files, short_side, draft)
+    loader = DataLoader(shrink_all, batch_size=None, num_workers=num_workers)
     for _ in loader:
         pass
     try:

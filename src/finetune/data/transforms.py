@@ -28,6 +28,9 @@ class Preprocessing:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     augment: bool = True
+    # JPEGs at least twice the resize size decoded at reduced scale (finetune.data.decode); a
+    # checkpoint written before this field existed loads with True, the behaviour it was run with.
+    draft_decode: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
