@@ -144,6 +144,14 @@ class BatchResize:
         self.mean = torch.tensor(p.mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(p.std).view(1, -1, 1, 1) * 255
 
+    def describe(self) -> str:
+        """Everything this step does to a batch, from the values it applies (mean and std in
+        0-255 units, as float32): part of the frozen-feature cache key."""
+        return (f"BatchResize(size={self.size}, mode={self.mode}, mean*255={self.mean.flatten().tolist()}, "
+                f"std*255={self.std.flatten().tolist()}, uint8 in, channels_last float out)")
+
+    __repr__ = describe
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.contiguous(memory_format=torch.channels_last)
         if x.shape[-2:] != self.size:

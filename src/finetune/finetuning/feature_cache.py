@@ -1,24 +1,43 @@
 """Frozen-feature cache: run a frozen backbone over a split once, then train the head on the result.
 
 With a frozen backbone and a deterministic transform, every epoch would recompute the same
-features; this turns N epochs of backbone forwards into one. On disk the cache is keyed by the
-backbone's tensors, the transform and the data set's contents, so changing any of them rebuilds it.
+features; this turns N epochs of backbone forwards into one. A cached feature is only right if
+everything that produced it is the same, so the key covers the whole path from file to feature:
+
+    data        the files (path, size, mtime, label), arrays or generator, and the subset indices
+    per image   the decoder (loader) and the transform, as text
+    per batch   the datamodule's `on_after_batch_transfer` and its `batch_transform` (BatchResize:
+                size, mean, std, interpolation), which tiny sources go through on the device
+    numerics    the precision plugin (autocast dtype), the device type and the memory format
+    backbone    its name, its module tree and every tensor of its state dict
+
+Anything that cannot be described the same way in every process (a lambda in a transform, a data
+set with no fingerprint) means no cache for that run, said in the log: a miss costs time, a wrong
+hit costs the result.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
+import re
+import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 log = logging.getLogger("finetune")
+FORMAT = 2  # bump when what an entry holds, or how its key is made, changes
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _digest(*parts: Any) -> str:
@@ -28,39 +47,89 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def describe(obj: Any) -> str:
+    """`obj` as text that is the same in every process.
+
+    A function's repr holds its memory address, so functions and classes are named by module
+    and qualified name, partials by their function and arguments, and objects with a
+    `describe()` method (BatchResize) by what it says; the rest by repr.
+    """
+    own = getattr(obj, "describe", None)
+    if callable(own) and not isinstance(obj, type):
+        text = own()
+        if isinstance(text, str):
+            return text
+    if isinstance(obj, functools.partial):
+        args = [describe(a) for a in obj.args] + [f"{k}={describe(v)}" for k, v in sorted(obj.keywords.items())]
+        return f"{describe(obj.func)}({', '.join(args)})"
+    if isinstance(obj, types.MethodType):  # the instance's state matters too
+        return f"{describe(obj.__self__)}.{obj.__func__.__name__}"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type)) and "<" not in obj.__qualname__:
+        return f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)):
+        return repr(obj)  # a lambda or local function: its name says too little; its repr (address) no key
+    functions = _lambda_functions(obj)
+    return repr(obj) + "".join(f" with {describe(f)}" for f in functions)
+
+
+def _lambda_functions(transform: Any) -> list[Any]:
+    """The functions inside (v2.)Lambda transforms, nested in Compose & co: their repr names a
+    lambda only `<lambda>`, so two different ones would share a key."""
+    found = [transform.lambd] if callable(getattr(transform, "lambd", None)) else []
+    inner = getattr(transform, "transforms", None)
+    for t in inner if isinstance(inner, (list, tuple)) else ():
+        found += _lambda_functions(t)
+    return found
+
+
 def module_fingerprint(module: nn.Module) -> str:
+    """Every tensor of the state dict: name, dtype, shape and bytes (not its memory format)."""
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        h.update(name.encode())
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
 
 
+def _innermost(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def dataset_fingerprint(dataset: Dataset) -> str | None:
-    """What the data set holds and how it is transformed; None when that cannot be told."""
+    """What the data set holds (not how it is transformed); None when that cannot be told."""
     if isinstance(dataset, Subset):
         inner = dataset_fingerprint(dataset.dataset)
         return inner and _digest(inner, list(dataset.indices))
-    transform = repr(getattr(dataset, "transform", None))
+    kind = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
+    if hasattr(dataset, "fingerprint"):
+        return _digest(kind, dataset.fingerprint())
     if hasattr(dataset, "samples"):  # ImageFolder and friends
         stats = [(p, os.stat(p), y) for p, y in dataset.samples]
-        files = [(p, st.st_size, st.st_mtime_ns, y) for p, st, y in stats]
-        return _digest(transform, files)
+        return _digest(kind, [(p, st.st_size, st.st_mtime_ns, y) for p, st, y in stats])
     if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # CIFAR-10 style arrays
-        return _digest(transform, dataset.data.tobytes(), list(dataset.targets))
-    if hasattr(dataset, "fingerprint"):
-        return _digest(transform, dataset.fingerprint())
+        return _digest(kind, dataset.data.tobytes(), list(dataset.targets))
     return None
+
+
+def precision_description(trainer: L.Trainer) -> str:
+    """The precision plugin (which autocast dtype, if any) and the device type it runs on."""
+    plugin = trainer.precision_plugin
+    precision = getattr(plugin, "precision", "?")
+    return f"{type(plugin).__qualname__}({precision}) on {trainer.strategy.root_device.type}"
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None
+    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
+    channels_last: bool = False,
 ) -> TensorDataset:
     """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
 
-    Batches go through the datamodule's `on_after_batch_transfer`, as they would in training
-    (small sources are resized and normalised on the device there).
+    Batches go through the datamodule's `on_after_batch_transfer` and the precision plugin, and
+    into the memory format the model's `forward` uses, as they would in training (small sources
+    are resized and normalised on the device there).
     """
     modes = {m: m.training for m in backbone.modules()}  # per module: frozen BatchNorm is already eval
     backbone.eval()
@@ -72,6 +141,8 @@ def extract_features(
                 images = images.to(device)
                 if datamodule is not None:
                     images, targets = datamodule.on_after_batch_transfer((images, targets), 0)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 features.append(backbone(images).float().cpu())
                 labels.append(torch.as_tensor(targets))
     finally:
@@ -81,32 +152,110 @@ def extract_features(
 
 
 class FeatureCache:
-    def __init__(self, backbone: nn.Module, trainer: L.Trainer, cache_dir: str | None = None) -> None:
+    """Backbone features of a datamodule's splits, kept under `cache_dir` (None: computed, never kept).
+
+    `name` (the backbone's, e.g. model.name) and `channels_last` (the model's input memory
+    format) are part of the key, as are the trainer's precision and the datamodule's transforms.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, trainer: L.Trainer, cache_dir: str | None = None, *,
+        name: str | None = None, channels_last: bool = False,
+    ) -> None:
         self.backbone = backbone
         self.trainer = trainer
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._backbone_key = module_fingerprint(backbone) if self.cache_dir else None
+        self.name = name
+        self.channels_last = channels_last
 
-    def path_for(self, dataset: Dataset, split: str) -> Path | None:
-        data_key = dataset_fingerprint(dataset) if self.cache_dir else None
-        if data_key is None:
+    @functools.cached_property
+    def _backbone_key(self) -> str:
+        return module_fingerprint(self.backbone)
+
+    def key_parts(self, datamodule: Any, split: str) -> tuple[dict[str, str] | None, str]:
+        """(everything a feature of `split` depends on, as text; "") or (None, why not)."""
+        dataset = datamodule.datasets[split]
+        data = dataset_fingerprint(dataset)
+        if data is None:
+            return None, (f"the {type(_innermost(dataset)).__name__} data set has no fingerprint() "
+                          "(nor samples, nor data and targets)")
+        base = _innermost(dataset)
+        hook = getattr(type(datamodule), "on_after_batch_transfer", None)
+        parts = {
+            "format": str(FORMAT),
+            "split": split,
+            "data": data,
+            "per_image": f"loader={describe(getattr(base, 'loader', None))} "
+                         f"transform={describe(getattr(base, 'transform', None))} "
+                         f"target_transform={describe(getattr(base, 'target_transform', None))}",
+            "per_batch": f"{describe(hook)}: {describe(getattr(datamodule, 'batch_transform', None))}",
+            "precision": precision_description(self.trainer),
+            "memory_format": "channels_last" if self.channels_last else "contiguous",
+            "backbone": f"{self.name} {type(self.backbone).__qualname__} "
+                        f"modules={_digest(repr(self.backbone))} tensors={self._backbone_key}",
+        }
+        unstable = [k for k, v in parts.items() if _ADDRESS.search(v)]
+        if unstable or _ADDRESS.search(repr(self.backbone)):
+            return None, f"the {', '.join(unstable) or 'backbone'} description holds a memory address: {parts}"
+        return parts, ""
+
+    def path_for(self, datamodule: Any, split: str) -> Path | None:
+        """Where `split`'s features are kept; None when there is no cache dir or no key."""
+        if self.cache_dir is None:
             return None
-        return self.cache_dir / f"{split}-{_digest(self._backbone_key, data_key)}.pt"
+        parts, _ = self.key_parts(datamodule, split)
+        return None if parts is None else self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
 
     def features(self, datamodule: Any, split: str) -> TensorDataset:
-        dataset = datamodule.datasets[split]
-        path = self.path_for(dataset, split)
-        if path is not None and path.exists():
-            features, labels = torch.load(path, weights_only=True)
-            log.info("feature cache: %s features of %d images from %s", split, len(labels), path)
-            return TensorDataset(features, labels)
-        loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False,
-                            num_workers=datamodule.loader_workers())
-        result = extract_features(self.backbone, loader, self.trainer, datamodule)
-        log.info("feature cache: computed %s features of %d images", split, len(result))
-        if path is not None and self.trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(tuple(result.tensors), tmp)
-            os.replace(tmp, path)
+        """`split`'s features: from the cache when its key matches, else computed (and kept)."""
+        if self.cache_dir is None:
+            return self._compute(datamodule, split)
+        parts, why = self.key_parts(datamodule, split)
+        if parts is None:
+            log.warning("feature cache: not kept for %s: %s", split, why)
+            return self._compute(datamodule, split)
+        path = self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
+        if not self.trainer.is_global_zero:  # only rank zero writes; the others read or compute
+            return self._load(path, parts, datamodule, split) or self._compute(datamodule, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Concurrent runs (a sweep) wait for the one computing this entry, then read it.
+        with FileLock(f"{path}.lock"):
+            cached = self._load(path, parts, datamodule, split)
+            if cached is not None:
+                return cached
+            result = self._compute(datamodule, split)
+            self._save(path, parts, result)
         return result
+
+    def _compute(self, datamodule: Any, split: str) -> TensorDataset:
+        # A generator of its own: a cache miss must not draw from the global RNG, or a warm-cache
+        # run would shuffle differently from a cold one.
+        loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
+                            num_workers=datamodule.loader_workers(), generator=torch.Generator())
+        result = extract_features(self.backbone, loader, self.trainer, datamodule, self.channels_last)
+        log.info("feature cache: computed %s features of %d images", split, len(result))
+        return result
+
+    def _load(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset | None:
+        """The entry at `path` if it exists and was made from exactly `parts`, for as many images."""
+        if not path.exists():
+            return None
+        entry = torch.load(path, weights_only=True)
+        n = len(datamodule.datasets[split])
+        if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n:
+            log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
+            return None
+        log.info("feature cache: %s features of %d images from %s", split, len(entry["labels"]), path)
+        return TensorDataset(entry["features"], entry["labels"])
+
+    def _save(self, path: Path, parts: dict[str, str], result: TensorDataset) -> None:
+        """Written to a temp name in the same folder and renamed into place: never half an entry."""
+        features, labels = result.tensors
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"key": parts, "features": features, "labels": labels}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

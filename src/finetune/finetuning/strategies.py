@@ -33,7 +33,9 @@ class Frozen(BaseFinetuning):
 
     BatchNorm layers are frozen too, and the module keeps frozen BatchNorm in eval mode, so the
     backbone's running statistics stay exactly as pretrained. With a deterministic training
-    transform, backbone features are computed once and the head trains on them (`feature_cache`).
+    transform, backbone features are computed once and the head trains on them (`feature_cache`),
+    keyed by everything from file to feature, the backbone's name and the model's memory format
+    among it (see `finetune.finetuning.feature_cache`).
     """
 
     def __init__(self, feature_cache: bool | str = "auto", cache_dir: str | None = None) -> None:
@@ -59,7 +61,9 @@ class Frozen(BaseFinetuning):
                 log.info("feature cache off: the training transform is random (set data.augment=false to use it)")
                 return
             log.warning("feature cache on with data augmentation: every epoch sees the same augmented view")
-        cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir)
+        cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir,
+                             name=pl_module.hparams.get("name"),
+                             channels_last=bool(getattr(pl_module, "channels_last", False)))
         datamodule.setup("fit")
         for split in ("train", "val"):
             datamodule.datasets[split] = cache.features(datamodule, split)
