@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.callbacks import ConfusionMatrix
+from finetune.config_checks import check_numbers
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import (
@@ -66,6 +67,7 @@ def per_class_table(views: ConfusionMatrix) -> Table:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test `cfg.ckpt_path` on `cfg.data` (or the run's data); returns the test metrics."""
+    check_numbers(cfg)
     model = load_classifier(cfg.ckpt_path)
     datamodule = hydra.utils.instantiate(cfg.data if cfg.get("data") else training_data_config(cfg.ckpt_path))
     if list(datamodule.classes) != list(model.class_names):

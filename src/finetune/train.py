@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from finetune.config_checks import check_input_size, check_numbers
 from finetune.distributed import one_run_for_all_ranks
 from finetune.lr_finder import tune_learning_rate
 from finetune.runtime import (
@@ -31,6 +32,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
     )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    if cfg.data.get("image_size") is not None:  # the weights' own size needs no check
+        check_input_size(model.backbone, model.preprocessing.crop_size, channels_last=model.channels_last)
     log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
     resolve_speed_settings(cfg, model)
 
@@ -45,6 +48,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test as `cfg` says; returns the final metrics (the sweeper's objective among them)."""
+    check_numbers(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)

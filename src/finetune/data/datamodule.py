@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from finetune.data.file_checks import SkipReport, collate_readable
 from finetune.data.transforms import (
     BatchResize,
     Preprocessing,
@@ -23,6 +24,7 @@ from finetune.data.transforms import (
     native_train_transform,
     train_transform,
 )
+from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
 SPLITS = ("train", "val", "test")
@@ -44,6 +46,12 @@ def default_num_workers() -> int:
 def default_pin_memory() -> bool:
     """Pinned host memory only pays for copies to a CUDA device."""
     return torch.cuda.is_available()
+
+
+def _innermost(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def upsample_on_device(source_size: int | None, crop_size: int) -> bool:
@@ -76,6 +84,8 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
+        max_bad_fraction: float = 0.01,
+        skipped_csv: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -93,6 +103,8 @@ class ImageDataModule(L.LightningDataModule):
         }
         self.val_fraction = val_fraction
         self.seed = seed
+        self.max_bad_fraction = max_bad_fraction
+        self.skip_report = SkipReport(skipped_csv)
         self.preprocessing = Preprocessing().override(**self.overrides)
         self.datasets: dict[str, Dataset] = {}
 
@@ -136,7 +148,38 @@ class ImageDataModule(L.LightningDataModule):
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
             train, val = self._split_off_val(train, self.make_split("train", eval_tf))
+            if hasattr(_innermost(val), "replace"):
+                _innermost(val).replace = False  # evaluation drops a file that fails late
         self.datasets = {"train": train, "val": val, "test": self.make_split("test", eval_tf)}
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        """Report the files each split left out as unreadable (sources that read files mark them as
+        `skipped`, see `finetune.data.file_checks`), then refuse a split that lost more than
+        `max_bad_fraction` of its files or has nothing left, before any training."""
+        rank_zero = self.trainer is None or self.trainer.is_global_zero
+        reported = set()
+        for split, dataset in self.datasets.items():
+            source = _innermost(dataset)
+            skipped, total = getattr(source, "skipped", {}), getattr(source, "total_files", len(source))
+            name = getattr(source, "split", split)
+            where = str(getattr(source, "root", split))  # val split off train: train's files
+            if where not in reported:
+                reported.add(where)
+                if rank_zero:
+                    self.skip_report.add(name, skipped, total)
+                if skipped and len(skipped) > self.max_bad_fraction * total:
+                    raise FinetuneError(
+                        f"{len(skipped)} of {total} files of the {name} split are not readable images, "
+                        f"over data.max_bad_fraction={self.max_bad_fraction}; see "
+                        f"{self.skip_report.path or 'the log'} for which and why, then fix or remove them, "
+                        "or raise data.max_bad_fraction (1.0 accepts any number)"
+                    )
+            if len(dataset) == 0:
+                raise FinetuneError(
+                    f"the {split} split has no readable image left ({len(skipped)} of {total} files "
+                    f"unreadable, see {self.skip_report.path or 'the log'}); add images to it"
+                )
 
     def _split_off_val(self, train: Dataset, train_eval: Dataset) -> tuple[Dataset, Dataset]:
         """A seeded fraction of train, seen through the eval transform, becomes val."""
@@ -172,7 +215,13 @@ class ImageDataModule(L.LightningDataModule):
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             # A last batch of one image breaks BatchNorm in training mode.
             drop_last=shuffle and len(dataset) > batch_size,
+            collate_fn=self.collate,
         )
+
+    @staticmethod
+    def collate(batch: list) -> Any:
+        """Batches of the samples that could be read (see `finetune.data.file_checks`)."""
+        return collate_readable(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Tiny sources arrive as uint8 at their own size; resize and normalise the whole batch here.

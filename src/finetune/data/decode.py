@@ -14,17 +14,21 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 if TYPE_CHECKING:
     from finetune.data.transforms import Preprocessing
 
 
 def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Open an image as RGB; a JPEG at least twice `min_side` is decoded at 1/2, 1/4 or 1/8 scale.
+    """Open an image as 8-bit RGB, upright; a JPEG at least twice `min_side` is decoded at 1/2,
+    1/4 or 1/8 scale.
 
     Draft mode makes a 1600x1200 photo read for a 224-pixel crop decode about 2x faster; the short
-    side never drops below `min_side`. `min_side=None` is a full decode.
+    side never drops below `min_side`. `min_side=None` is a full decode. The EXIF orientation tag
+    is applied (a phone photo is seen the way every viewer shows it), and 16-bit images are scaled
+    to 8 bits rather than clipped (Pillow's own conversion turns most of them white).
     """
     with open(path, "rb") as f:
         image = Image.open(f)
@@ -33,7 +37,18 @@ def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
             scale = min_side / min(w, h)
             if scale <= 0.5:
                 image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            image = _to_8_bits(image)
         return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer greyscale image as 8-bit "L": values above 255 mean a 16-bit range."""
+    values = np.asarray(image, dtype=np.float32)
+    if values.size and values.max() > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8), "L")
 
 
 def draft_side(p: Preprocessing) -> int | None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.data.datamodule import ImageDataModule, upsample_on_device
+from finetune.data.datamodule import ImageDataModule, available_cpus, upsample_on_device
 from finetune.data.decode import decoder, load_rgb  # noqa: F401  (load_rgb: its former home)
-from finetune.data.resized_cache import resized_copy
+from finetune.data.file_checks import FILE_ERRORS, FileChecks, SkippingImageFolder
+from finetune.data.resized_cache import list_images, resized_copy
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
@@ -54,6 +54,11 @@ def check_tree(root: Path) -> list[str]:
     if not root.is_dir():
         raise FinetuneError(f"data.root={root} is not a folder; {LAYOUT}")
     classes = scan_classes(root / "train")
+    if len(classes) < 2:
+        raise FinetuneError(
+            f"{root / 'train'} has one class folder ({classes[0]}); a classifier needs at least two "
+            "classes: add a folder of images for each other class"
+        )
     for split in ("val", "test"):
         if split == "val" and not (root / "val").exists():
             continue
@@ -75,8 +80,11 @@ def sample_sides(root: Path, samples: int = 16) -> list[int]:
     for class_dir in sorted(e.path for e in os.scandir(root) if e.is_dir()):
         names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMG_EXTENSIONS))
         for name in names[: max(1, samples // 4)]:
-            with Image.open(os.path.join(class_dir, name)) as image:
-                sides.append(max(image.size))
+            try:
+                with Image.open(os.path.join(class_dir, name)) as image:
+                    sides.append(max(image.size))
+            except FILE_ERRORS:  # reported with the split's other unreadable files
+                continue
         if len(sides) >= samples:
             break
     return sides
@@ -123,6 +131,7 @@ class FolderDataModule(ImageDataModule):
         self.cache = cache
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root.parent / ".cache"
         self._image_root: Path | None = None
+        self._unreadable: dict[str, str] | None = None
 
     @cached_property
     def classes(self) -> list[str]:
@@ -143,9 +152,18 @@ class FolderDataModule(ImageDataModule):
             p = self.preprocessing
             short = max(p.resize_size, p.crop_size)
             if self.cache and (self.source_size() or 0) > short:
+                bad = {Path(path).relative_to(self.root).as_posix() for path in self.unreadable()}
                 self._image_root = resized_copy(self.root, self.cache_dir, short, self.num_workers,
-                                                draft=p.draft_decode)
+                                                draft=p.draft_decode, exclude=bad)
         return self._image_root
+
+    def unreadable(self) -> dict[str, str]:
+        """{path: reason} for the image files under `root` that do not decode (checked in parallel
+        once per run, remembered between runs in `cache_dir`, never written into `root`)."""
+        if self._unreadable is None:
+            files = [str(self.root / rel) for rel, _, _ in list_images(self.root)]
+            self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files)
+        return self._unreadable
 
     def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
         self._image_root = None  # the cache is keyed by the resize size
@@ -155,4 +173,8 @@ class FolderDataModule(ImageDataModule):
         folder = self.image_root() / split
         if split == "val" and not folder.exists():
             return None
-        return ImageFolder(str(folder), transform=transform, loader=decoder(self.preprocessing))
+        prefix = str(self.root / split) + os.sep
+        skipped = {path: why for path, why in self.unreadable().items() if path.startswith(prefix)}
+        return SkippingImageFolder(str(folder), split=split, skipped=skipped, report=self.skip_report,
+                                   replace=split == "train", transform=transform,
+                                   loader=decoder(self.preprocessing))

@@ -19,8 +19,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.data.decode import load_rgb
+from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
+
 log = logging.getLogger("finetune")
-VERSION = 1  # bump when the way copies are made changes
+VERSION = 2  # bump when the way copies are made changes (2: the shared decoder: EXIF, 16-bit)
 JPEG_QUALITY = 95
 
 
@@ -53,17 +56,17 @@ def shrink(src: Path, dst: Path, short_side: int, draft: bool = True) -> None:
 
     `draft`: decode JPEGs at reduced scale first, as `finetune.data.decode.load_rgb` does.
     """
-    with Image.open(src) as image:
+    with Image.open(src) as image:  # the header only
         w, h = image.size
-        if min(w, h) <= short_side:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst.with_suffix(src.suffix))
-            return
-        scale = short_side / min(w, h)
-        size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
-        if draft:
-            image.draft("RGB", size)
-        small = image.convert("RGB").resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    if min(w, h) <= short_side:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst.with_suffix(src.suffix))
+        return
+    image = load_rgb(str(src), short_side if draft else None)  # upright, 8-bit RGB
+    w, h = image.size
+    scale = short_side / min(w, h)
+    size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
+    small = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     small.save(dst.with_suffix(".jpg"), quality=JPEG_QUALITY)
 
@@ -79,13 +82,20 @@ class _ShrinkAll(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> int:
-        shrink(self.root / self.files[i], self.target / self.files[i], self.short_side, self.draft)
+        try:
+            shrink(self.root / self.files[i], self.target / self.files[i], self.short_side, self.draft)
+        except FILE_ERRORS as e:  # turned bad since it was checked: the copy goes without it
+            log.warning("resized copy: left out %s (%s)", self.root / self.files[i], unreadable_reason(e))
         return i
 
 
 def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int = 0,
-                 draft: bool = True) -> Path:
-    """The tree at `root` with images shrunk to `short_side`: reused if current, else (re)built."""
+                 draft: bool = True, exclude: set[str] | frozenset[str] = frozenset()) -> Path:
+    """The tree at `root` with images shrunk to `short_side`: reused if current, else (re)built.
+
+    `exclude` (paths relative to `root`) are the files found unreadable: the copy leaves them out.
+    They are part of the listing the name is made from, so a copy never misses a file it should hold.
+    """
     root = root.resolve()
     target = cache_path(root, cache_dir, short_side, draft)
     if target.is_dir():
@@ -94,7 +104,7 @@ def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int 
     for stale in cache_dir.glob(prefix + "*"):
         if stale.is_dir() and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)
-    files = [rel for rel, _, _ in list_images(root)]
+    files = [rel for rel, _, _ in list_images(root) if rel not in exclude]
     log.info("caching %d images of %s at short side %d in %s", len(files), root, short_side, target)
     staging = cache_dir / f".{target.name}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

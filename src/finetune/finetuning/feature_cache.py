@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 log = logging.getLogger("finetune")
-FORMAT = 2  # bump when what an entry holds, or how its key is made, changes
+FORMAT = 3  # bump when what an entry holds, how its key is made, or what the decoder does changes
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -231,7 +231,8 @@ class FeatureCache:
         # A generator of its own: a cache miss must not draw from the global RNG, or a warm-cache
         # run would shuffle differently from a cold one.
         loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
-                            num_workers=datamodule.loader_workers(), generator=torch.Generator())
+                            num_workers=datamodule.loader_workers(), generator=torch.Generator(),
+                            collate_fn=getattr(datamodule, "collate", None))
         result = extract_features(self.backbone, loader, self.trainer, datamodule, self.channels_last)
         log.info("feature cache: computed %s features of %d images", split, len(result))
         return result

@@ -129,6 +129,9 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(targets), sync_dist=not on_step)
         self.log_dict(metrics, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        # How many images the epoch's metrics cover (unreadable files are left out of a split).
+        self.log(f"{stage}/images", float(len(targets)), on_step=False, on_epoch=True, reduce_fx="sum",
+                 sync_dist=True)
         return loss, logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,234 @@
+"""Which files of a split are readable images: checked before training, remembered, recorded.
+
+Real folders hold truncated JPEGs, HTML pages saved as `.jpg`, zero-byte files from a failed copy
+and decompression bombs. Each file is opened and decoded at the smallest scale Pillow's draft mode
+allows (a JPEG's entropy-coded data is still read to its end, so truncation shows; the inverse
+DCT is 1/64 of the work), in a pool of processes. Results are remembered per file by
+(size, mtime), so a second run on an unchanged folder only stats its files. Files that pass here
+and still fail later (changed on disk, or a decoder corner case) are caught in
+`SkippingDataset.__getitem__` instead of killing the epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import default_collate
+from torchvision.datasets import ImageFolder
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+VERSION = 1  # bump when what a check decides changes: old memos are then ignored
+SHOWN = 3  # paths named in the warning; all of them go to skipped.csv
+FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning, UnidentifiedImageError)
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """A short, one-line reason for a decode failure."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (Pillow cannot identify the format)"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb check)"
+    text = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_image(path: str) -> str | None:
+    """None if `path` decodes as an image, else the reason it does not.
+
+    Images over Pillow's pixel limit are refused from their header, before any decoding.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format == "JPEG":
+                    image.draft(image.mode, (1, 1))  # the smallest DCT scale
+                image.load()
+    except FILE_ERRORS as e:
+        return unreadable_reason(e)
+    return None
+
+
+def _check_chunk(paths: Sequence[str]) -> list[str | None]:
+    return [check_image(p) for p in paths]
+
+
+def _check_many(paths: list[str], workers: int) -> list[str | None]:
+    """`check_image` over `paths`, in `workers` processes when there are enough files to pay."""
+    if workers <= 1 or len(paths) < 512:
+        return _check_chunk(paths)
+    chunk = max(64, len(paths) // (workers * 8))
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return [reason for part in pool.map(_check_chunk, chunks) for reason in part]
+
+
+class FileChecks:
+    """Check results for the files under one folder, remembered in `memo_dir` between runs.
+
+    The memo never lives inside the user's data folder; a lost or corrupt memo only costs a
+    re-check. It is written to a temp name and renamed, so concurrent runs never see half of one.
+    """
+
+    def __init__(self, root: Path, memo_dir: Path | None, workers: int = 1) -> None:
+        self.root = Path(root).resolve()
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        self.memo = Path(memo_dir) / f"file-checks-{self.root.name}-{digest}.json" if memo_dir else None
+        self.workers = workers
+
+    def _load_memo(self) -> dict[str, list]:
+        if self.memo is None or not self.memo.is_file():
+            return {}
+        try:
+            data = json.loads(self.memo.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data.get("files", {}) if data.get("version") == VERSION else {}
+
+    def _save_memo(self, entries: dict[str, list]) -> None:
+        if self.memo is None:
+            return
+        try:
+            self.memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.memo.with_name(f".{self.memo.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"version": VERSION, "files": entries}))
+            os.replace(tmp, self.memo)
+        except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
+            log.warning("could not remember file checks in %s (%s)", self.memo, e)
+
+    def unreadable(self, paths: Iterable[str]) -> dict[str, str]:
+        """{path: reason} for the files in `paths` that are not readable images."""
+        memo = self._load_memo()
+        stats, todo = {}, []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                stats[path] = [st.st_size, st.st_mtime_ns]
+            except OSError as e:
+                stats[path] = None
+                memo[path] = [None, None, unreadable_reason(e)]
+                continue
+            known = memo.get(path)
+            if known is None or known[:2] != stats[path]:
+                todo.append(path)
+        if todo:
+            log.info("checking %d image files under %s (%d processes)", len(todo), self.root, self.workers)
+            for path, reason in zip(todo, _check_many(todo, self.workers)):
+                memo[path] = [*stats[path], reason]
+        kept = {p: memo[p] for p in stats if p in memo}
+        if todo or len(kept) != len(memo):
+            self._save_memo({p: v for p, v in kept.items() if v[0] is not None})
+        return {p: v[2] for p, v in kept.items() if v[2]}
+
+
+class SkipReport:
+    """Unreadable files of a run: a warning per split and every one of them in `skipped.csv`.
+
+    Nothing is written while nothing is skipped. Rows are appended with one write each
+    (O_APPEND, the header with the first), so loader workers and DDP ranks can add files that
+    fail while decoding without a lock.
+    """
+
+    FIELDS = ("split", "path", "reason")
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+
+    def add(self, split: str, skipped: dict[str, str], total: int) -> None:
+        """Record `skipped` ({path: reason}) of a split of `total` files and warn once for them."""
+        if not skipped:
+            return
+        self._write([(split, p, r) for p, r in sorted(skipped.items())])
+        names = sorted(skipped)
+        shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+        where = f"; all of them with the reason in {self.path}" if self.path else ""
+        log.warning("%s: skipped %d of %d files that are not readable images (%s)%s",
+                    split, len(skipped), total, shown, where)
+
+    def _write(self, rows: Iterable[Sequence[str]]) -> None:
+        if self.path is None:
+            return
+        buffer = io.StringIO()
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [self.FIELDS, *rows]
+        csv.writer(buffer).writerows(rows)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, buffer.getvalue().encode())
+        finally:
+            os.close(fd)
+
+    def rows(self) -> list[dict[str, str]]:
+        if self.path is None or not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+class SkippingImageFolder(ImageFolder):
+    """An ImageFolder without the files in `skipped` ({path: reason}, found by `FileChecks`).
+
+    A file that still fails to decode (it changed after the check) does not kill the epoch: it is
+    recorded in `report` and, for training (`replace=True`), the next readable sample takes its
+    place so batches keep their size; for evaluation it is dropped (`None`, removed by
+    `collate_readable`) so no image counts twice. Only the loader is guarded: an error in a
+    transform is a bug and keeps its traceback.
+    """
+
+    def __init__(self, root: str, split: str, skipped: dict[str, str], report: SkipReport,
+                 replace: bool = True, **kwargs) -> None:
+        super().__init__(root, allow_empty=True, **kwargs)
+        self.split, self.report, self.replace = split, report, replace
+        # With a shrunk copy the unreadable files are already absent and `skipped` names the source's.
+        self.total_files = len({path for path, _ in self.samples} | set(skipped))
+        self.samples = [s for s in self.samples if s[0] not in skipped]
+        self.imgs, self.targets = self.samples, [s[1] for s in self.samples]
+        self.skipped = dict(skipped)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                sample = self.loader(path)
+            except FILE_ERRORS as e:
+                if path not in self.skipped:
+                    self.skipped[path] = unreadable_reason(e)
+                    self.report.add(self.split, {path: self.skipped[path]}, self.total_files)
+                if not self.replace:
+                    return None
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+        raise FinetuneError(f"no file of {self.root} can be read as an image any more; "
+                            f"see {self.report.path or 'the log'}")
+
+
+def collate_readable(batch: list):
+    """`default_collate` of the samples that could be read (evaluation drops the others)."""
+    readable = [item for item in batch if item is not None]
+    if not readable:  # a whole batch that turned unreadable since the check
+        raise FinetuneError("every image of an evaluation batch failed to decode; see skipped.csv "
+                            "and check the data folder for files changed during the run")
+    return default_collate(readable)
