@@ -293,3 +293,17 @@ def test_invalid_setups_are_one_line(tmp_path, mutate, expected):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_under_ddp_each_unreadable_file_is_listed_once_and_each_test_image_counted_once(tmp_path):
+    root, bad = _messy_folder(tmp_path)
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", "trainer=ddp_cpu", "data=folder", f"data.root={root}", *SMALL,
+                     "trainer.max_epochs=1", "trainer.precision=32-true", "data.max_bad_fraction=0.1",
+                     f"hydra.run.dir={run_dir}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "skipped.csv", newline="")))
+    assert sorted(r["path"] for r in rows) == sorted(bad.values())  # rank 1 wrote no second copy
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/images"] == 32  # 16 + 16 over the two ranks, none repeated
