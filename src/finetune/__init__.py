@@ -1,5 +1,6 @@
 """finetune: transfer learning for image classification with Lightning and Hydra."""
 
+from finetune import run_dir  # noqa: F401  registers ${finetune_pid:} (run dir names) before Hydra resolves them
 from finetune.errors import FinetuneError
 
 __all__ = ["FinetuneError"]

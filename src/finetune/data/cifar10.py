@@ -8,6 +8,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
+from finetune.cache_lock import entry_lock
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 
@@ -29,8 +30,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         try:
-            for train in (True, False):
-                CIFAR10(str(self.root), train=train, download=self.download)
+            self._check_or_fetch()
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise FinetuneError(
                 f"could not download CIFAR-10 ({getattr(e, 'reason', e)}); put "
@@ -42,6 +42,23 @@ class CIFAR10DataModule(ImageDataModule):
                 f"no valid CIFAR-10 under data.root={self.root} ({e}); set data.download=true "
                 "or point data.root at the folder holding cifar-10-batches-py/"
             ) from None
+
+    def _check_or_fetch(self) -> None:
+        """Use the files if they check out; else fetch them under a lock, so that jobs of a sweep
+        download and extract once (and a read-only `data.root` that holds them is never written).
+
+        torchvision writes the archive and the extracted files in place, but checks the MD5 of
+        every file (train and test) whenever a CIFAR10 is made: a file a killed job left half
+        written is never trusted; it is downloaded or extracted again.
+        """
+        try:
+            CIFAR10(str(self.root), train=True)
+            return
+        except RuntimeError:
+            if not self.download:
+                raise
+        with entry_lock(self.root / "cifar-10-batches-py"):
+            CIFAR10(str(self.root), train=True, download=True)
 
     def source_size(self) -> int:
         return 32

@@ -1,7 +1,8 @@
 """Download with a checksum, and extract zips without letting a member escape its folder.
 
 torchvision's helpers check MD5 only and silently rewrite `../` members; the hot-dog archive is
-published with a SHA-1, and a hostile member name should be refused, not rewritten.
+published with a SHA-1, and a hostile member name should be refused, not rewritten. Downloads hold
+the file's lock (`finetune.cache_lock`): jobs of a sweep fetching the same file fetch it once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.errors import FinetuneError
 
 TIMEOUT_S = 30
@@ -29,8 +31,20 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def download(url: str, dest: Path, sha1: str | None = None) -> Path:
-    """Fetch `url` to `dest` through a temporary file; only a verified file ever lands at `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch `url` to `dest` through a temporary file; only a verified file ever lands at `dest`.
+
+    Under `dest`'s lock: a job that waited for another one fetching the same file reuses it when
+    its checksum says it is the right one, and parts left by killed downloads are removed.
+    """
+    with entry_lock(dest):
+        if sha1 is not None and dest.is_file() and file_digest(dest, "sha1") == sha1.lower():
+            return dest
+        remove_leftovers(dest.parent, f".{dest.name}.", ".part")
+        return _fetch(url, dest, sha1)
+
+
+def _fetch(url: str, dest: Path, sha1: str | None) -> Path:
+    """The download itself, into a temp name beside `dest` (same file system: the rename is atomic)."""
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
     try:

@@ -2,40 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
-from finetune.data.download import download, file_digest, safe_extract_zip
+from finetune.cache_lock import entry_lock, remove_leftovers
+from finetune.data.download import download, safe_extract_zip
 from finetune.data.folder import FolderDataModule, check_tree
 from finetune.errors import FinetuneError
 
 URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 CLASSES = ["hotdog", "not-hotdog"]
+log = logging.getLogger("finetune")
+STAGING_PREFIX = ".hotdog-"  # temp extraction folders beside the tree
+
+
+def is_complete(target: Path) -> bool:
+    """A tree is only ever moved into place whole, so both splits there means it is complete."""
+    return (target / "train").is_dir() and (target / "test").is_dir()
 
 
 def fetch_hotdog(data_dir: Path, url: str = URL, sha1: str = SHA1) -> Path:
-    """Make `data_dir`/hotdog/{train,test} exist: reuse it, or download, verify and extract."""
+    """Make `data_dir`/hotdog/{train,test} exist: reuse it, or download, verify and extract.
+
+    Under the tree's lock, so jobs of a sweep starting together download and extract it once.
+    """
     target = data_dir / "hotdog"
-    if (target / "train").is_dir() and (target / "test").is_dir():
+    if is_complete(target):
         return target
-    archive = data_dir / "hotdog.zip"
-    if not archive.exists() or file_digest(archive, "sha1") != sha1:
-        download(url, archive, sha1=sha1)
-    # Extract beside the target and move into place, so an interrupted run leaves no half tree.
-    staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=".hotdog-"))
+    with entry_lock(target):
+        if is_complete(target):  # another job built it while this one waited
+            return target
+        remove_leftovers(data_dir, STAGING_PREFIX)  # from extractions that were killed
+        archive = download(url, data_dir / "hotdog.zip", sha1=sha1)  # reused when its SHA-1 matches
+        _extract_into_place(archive, target)
+    return target
+
+
+def _extract_into_place(archive: Path, target: Path) -> None:
+    """Extract beside the target and move into place, so an interrupted run leaves no half tree."""
+    log.info("extracting %s into %s", archive, target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
     try:
         safe_extract_zip(archive, staging)
         extracted = staging / "hotdog"
         if not extracted.is_dir():
             raise FinetuneError(f"{archive} has no top-level hotdog/ folder; delete it and retry")
-        if target.exists():
+        if target.exists():  # an incomplete tree, not made here: nobody can be reading it
             shutil.rmtree(target)
         extracted.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 class HotdogDataModule(FolderDataModule):

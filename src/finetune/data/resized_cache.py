@@ -19,12 +19,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.data.decode import load_rgb
 from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
 
 log = logging.getLogger("finetune")
 VERSION = 2  # bump when the way copies are made changes (2: the shared decoder: EXIF, 16-bit)
 JPEG_QUALITY = 95
+STAGING_SUFFIX = ".tmp"  # a copy being built: .<name>.<pid>.tmp beside where it will be
 
 
 def list_images(root: Path) -> list[tuple[str, int, int]]:
@@ -100,21 +102,33 @@ def resized_copy(root: Path, cache_dir: Path, short_side: int, num_workers: int 
     target = cache_path(root, cache_dir, short_side, draft)
     if target.is_dir():
         return target
+    # Jobs of a sweep starting together wait for the one building this copy, then reuse it.
+    with entry_lock(target):
+        if not target.is_dir():
+            _build(root, target, short_side, num_workers, draft, exclude)
+    return target
+
+
+def _build(root: Path, target: Path, short_side: int, num_workers: int, draft: bool,
+           exclude: set[str] | frozenset[str]) -> None:
+    """Shrink every image into a staging folder, then rename it to `target`: never a half copy.
+
+    Runs under the target's lock: staging folders still there were left by killed builds.
+    """
+    cache_dir = target.parent
+    remove_leftovers(cache_dir, f".{target.name}.", STAGING_SUFFIX)
     prefix = target.name.rsplit("-", 1)[0] + "-"
     for stale in cache_dir.glob(prefix + "*"):
         if stale.is_dir() and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)
     files = [rel for rel, _, _ in list_images(root) if rel not in exclude]
     log.info("caching %d images of %s at short side %d in %s", len(files), root, short_side, target)
-    staging = cache_dir / f".{target.name}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = cache_dir / f".{target.name}.{os.getpid()}{STAGING_SUFFIX}"
     staging.mkdir(parents=True)
-    shrink_all = _ShrinkAll(root, staging, files, short_side, draft)
-    loader = DataLoader(shrink_all, batch_size=None, num_workers=num_workers)
-    for _ in loader:
-        pass
     try:
+        shrink_all = _ShrinkAll(root, staging, files, short_side, draft)
+        for _ in DataLoader(shrink_all, batch_size=None, num_workers=num_workers):
+            pass
         staging.rename(target)
-    except OSError:  # another process finished the same copy first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless the build failed

@@ -30,6 +30,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.errors import FinetuneError
 from finetune.models import packaged as packaged_lib
 
@@ -165,30 +166,40 @@ def fetch_url(url: str, what: str, expected_hash: str | None = None) -> Path:
     """The file behind `url` in torch.hub's cache, downloaded first if it is not there yet.
 
     With `expected_hash` (a sha256 prefix) torch.hub checks the download before moving it into
-    place, so a damaged or substituted file never lands in the cache.
+    place, so a damaged or substituted file never lands in the cache. torch.hub downloads to a
+    temp name beside the file and renames it; the file's lock makes jobs of a sweep that start
+    together download it once, and clears what killed downloads left.
     """
     path = url_cache_path(url)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-                torch.hub.download_url_to_file(url, str(path), hash_prefix=expected_hash, progress=False)
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise FinetuneError(
-                f"cannot download {what} ({reason}); put the file {url} at {path} "
-                "(or run `python -m finetune.prefetch` with internet), or use model.weights=null "
-                "for random init, or model.weights=/path/to/state_dict.pth"
-            ) from None
-        except RuntimeError as e:  # the only RuntimeError download_url_to_file raises: a bad hash
-            if expected_hash is None:
-                raise
-            raise FinetuneError(
-                f"downloaded {what} from {url} does not match the sha256 prefix {expected_hash} in "
-                f"its name {path.name} ({e}); it was not saved to {path}. Run again (a damaged "
-                "download), or use model.weights=null or model.weights=/path/to/state_dict.pth"
-            ) from None
+    if path.exists():
+        return path
+    with entry_lock(path):
+        if not path.exists():  # else another job fetched it while this one waited
+            remove_leftovers(path.parent, f"{path.name}.", ".partial")  # torch.hub's temp names
+            _download(url, path, what, expected_hash)
     return path
+
+
+def _download(url: str, path: Path, what: str, expected_hash: str | None) -> None:
+    """torch.hub's download, its failures turned into one-line errors that name the fix."""
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=expected_hash, progress=False)
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise FinetuneError(
+            f"cannot download {what} ({reason}); put the file {url} at {path} "
+            "(or run `python -m finetune.prefetch` with internet), or use model.weights=null "
+            "for random init, or model.weights=/path/to/state_dict.pth"
+        ) from None
+    except RuntimeError as e:  # the only RuntimeError download_url_to_file raises: a bad hash
+        if expected_hash is None:
+            raise
+        raise FinetuneError(
+            f"downloaded {what} from {url} does not match the sha256 prefix {expected_hash} in "
+            f"its name {path.name} ({e}); it was not saved to {path}. Run again (a damaged "
+            "download), or use model.weights=null or model.weights=/path/to/state_dict.pth"
+        ) from None
 
 
 def fetch_state_dict(weights: WeightsEnum) -> dict[str, torch.Tensor]:
