@@ -38,9 +38,16 @@ def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
             "data.batch_size=16", "logger=csv", "test=false", "callbacks=default",
             "callbacks.rich_progress_bar=null"]
     last = tmp_path / "checkpoints" / "last.ckpt"
-    train(make_cfg(tiny + ["trainer.max_epochs=1"]))
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
-    train(make_cfg(tiny + ["trainer.max_epochs=2", f"ckpt_path={last}"]))
+    first = train(make_cfg(tiny + ["trainer.max_epochs=1"]))
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2
+    assert saved["val_acc_best"] == pytest.approx(first["val/acc_best"])
+    # A resumed run's val/acc_best starts from the saved best, so it is the whole run's.
+    _, fresh, _ = build(make_cfg(tiny))
+    fresh.on_load_checkpoint(saved)
+    assert float(fresh.val_acc_best.compute()) == pytest.approx(first["val/acc_best"])
+    second = train(make_cfg(tiny + ["trainer.max_epochs=2", f"ckpt_path={last}"]))
+    assert second["val/acc_best"] >= first["val/acc_best"]
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 4
     # The second run's own log holds only the epoch it added, not a fresh start.
@@ -51,10 +58,11 @@ def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
 
 
 def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(make_cfg, tmp_path):
-    """lr=0: val/acc never improves after epoch 0, so only epoch_000.ckpt is a best checkpoint."""
+    """lr=1e-30 (0 is refused as a user error): the weights cannot change in float32, so val/acc
+    never improves after epoch 0 and only epoch_000.ckpt is a best checkpoint."""
     cfg = make_cfg(["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", *SMALL,
                     "data.batch_size=16", "logger=csv", "test=false", "trainer.max_epochs=3",
-                    "model.optimizer.lr=0"])
+                    "model.optimizer.lr=1e-30"])
     _, _, trainer = build(cfg)
     assert trainer.checkpoint_callback.monitor == "val/acc"  # train() tests the best one
     train(cfg)

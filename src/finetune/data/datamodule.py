@@ -16,6 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.data.file_checks import SkipReport, collate_readable
+from finetune.data.resumable_loader import resumable_train_loader
 from finetune.data.transforms import (
     BatchResize,
     Preprocessing,
@@ -202,21 +203,28 @@ class ImageDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         batch_size = self.batch_size if split == "train" else self.eval_batch_size
         workers = self.loader_workers()
+        common = {
+            "batch_size": batch_size,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers and workers > 0,
+            "prefetch_factor": self.prefetch_factor if workers > 0 else None,
+            "collate_fn": self.collate,
+        }
         if split == "train":
             log.info("train loader: batch %d, %d workers, pin_memory %s", batch_size, workers, self.pin_memory)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=None if split == "train" else self._eval_sampler(dataset),
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            # A last batch of one image breaks BatchNorm in training mode.
-            drop_last=shuffle and len(dataset) > batch_size,
-            collate_fn=self.collate,
-        )
+            # Its position, shuffle and worker RNGs go into checkpoints: a resumed run sees the
+            # batches the killed one had not, in the same order and with the same augmentations.
+            trainer = self.trainer
+            return resumable_train_loader(
+                dataset, num_workers=workers, seed=self.seed,
+                num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+                drop_last=len(dataset) > batch_size,  # a last batch of one image breaks BatchNorm
+                **common)
+        # A generator of its own: creating the iterator draws the workers' base seed, and from the
+        # global RNG that draw would shift dropout and crops after a resume (no sanity check runs
+        # then, so persistent val workers start at a different point of the global stream).
+        return DataLoader(dataset, shuffle=shuffle, sampler=self._eval_sampler(dataset),
+                          num_workers=workers, generator=torch.Generator(), **common)
 
     @staticmethod
     def collate(batch: list) -> Any:

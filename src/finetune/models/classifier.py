@@ -147,6 +147,17 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_best.update(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False, sync_dist=True)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The best validation accuracy so far, so a resumed run's `val/acc_best` is the whole
+        run's (the metric's state is not in the state dict, which older checkpoints lack)."""
+        if self.val_acc_best.update_count:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "val_acc_best" in checkpoint:
+            self.val_acc_best.reset()
+            self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
+
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The logits reach callbacks (confusion matrix, top losses) as `outputs`."""
         return self._shared_step(batch, self.test_metrics, "test")[1]
