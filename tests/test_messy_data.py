@@ -57,6 +57,11 @@ BAD_KINDS = {
 }
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def folder_listing(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -158,7 +163,7 @@ def test_a_file_that_turns_bad_after_the_check_does_not_kill_the_epoch(make_cfg,
     n = len(datamodule.datasets["train"])
     seen = sum(len(targets) for _, targets in datamodule.train_dataloader())
     assert seen == n // 16 * 16  # full batches (drop_last): the bad sample was replaced, not lost
-    rows = list(csv.DictReader(open(tmp_path / "skipped.csv", newline="")))
+    rows = read_csv(tmp_path / "skipped.csv")
     assert [(r["split"], r["path"]) for r in rows] == [("train", str(victim))]
     # Evaluation drops the sample instead: no image counts twice.
     victim_test = root / "test" / "square" / "0001.png"
@@ -175,7 +180,7 @@ def test_unreadable_files_are_skipped_with_the_resized_copy_and_the_feature_cach
     cfg = make_cfg(["data=folder", f"data.root={root}", *SMALL, cache, *extra, "trainer.max_epochs=1",
                     "data.max_bad_fraction=0.1", "logger=csv"])
     metrics = train(cfg)
-    rows = list(csv.DictReader(open(tmp_path / "skipped.csv", newline="")))
+    rows = read_csv(tmp_path / "skipped.csv")
     assert [r["path"] for r in rows] == [str(bad)]
     assert metrics["test/images"] == 16
 
@@ -303,7 +308,7 @@ def test_under_ddp_each_unreadable_file_is_listed_once_and_each_test_image_count
                      "trainer.max_epochs=1", "trainer.precision=32-true", "data.max_bad_fraction=0.1",
                      f"hydra.run.dir={run_dir}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(run_dir / "skipped.csv", newline="")))
+    rows = read_csv(run_dir / "skipped.csv")
     assert sorted(r["path"] for r in rows) == sorted(bad.values())  # rank 1 wrote no second copy
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/images"] == 32  # 16 + 16 over the two ranks, none repeated

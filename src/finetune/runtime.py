@@ -64,12 +64,13 @@ def _resave_run_config(cfg: DictConfig) -> None:
         OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), path)
 
 
-def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], metric: str = "val/acc_best") -> None:
-    """The resolved config as hparams, with `metric` registered so TensorBoard's HParams view shows it."""
+def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], metric: str | None = "val/acc_best") -> None:
+    """The resolved config as hparams, with `metric` registered so TensorBoard's HParams view shows it
+    (None: not again, as when a resumed run continues its TensorBoard run past step 0)."""
     params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for lg in loggers:
         try:
-            lg.log_hyperparams(params, metrics={metric: 0.0})
+            lg.log_hyperparams(params, metrics={metric: 0.0} if metric else None)
         except TypeError:
             lg.log_hyperparams(params)
 

@@ -19,14 +19,22 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from finetune.distributed import is_global_zero
+from finetune.resume import job_subdir
 
 RECORD = "sweep_job.json"
 METRICS = "metrics.json"
+
+# hydra.sweep.subdir (conf/hydra/default.yaml) names each job's dir with this. Hydra builds its
+# callbacks, this module's SweepSummary among them, before any job, in every process that runs
+# jobs (joblib and SLURM workers unpickle them), so registering here reaches all of them.
+OmegaConf.register_new_resolver(
+    "finetune_job_subdir", lambda sweep_dir, num, overrides: job_subdir(sweep_dir, int(num), list(overrides)),
+    replace=True)
 
 
 def job_record(job_return: JobReturn, output_dir: Path, job_num: int) -> dict[str, Any]:

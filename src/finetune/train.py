@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, open_dict
 
 from finetune.config_checks import check_input_size, check_numbers
-from finetune.distributed import one_run_for_all_ranks
+from finetune.distributed import is_global_zero, one_run_for_all_ranks
+from finetune.errors import FinetuneError
 from finetune.lr_finder import tune_learning_rate
+from finetune.requeue import RequeueOnSignal
+from finetune.resume import METRICS, Start, decide_start, prepare_argv, write_record
 from finetune.runtime import (
     instantiate_all,
     log_hyperparameters,
@@ -25,8 +33,9 @@ log = logging.getLogger("finetune")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Data, model and trainer from config; the data decides the head size and class names."""
+def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, model and trainer from config; the data decides the head size and class names.
+    `resuming`: the loggers continue a run, whose hparams metric placeholder (step 0) is already logged."""
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(
         cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
@@ -41,22 +50,62 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if cfg.get("finetune") and cfg.finetune.get("callback"):
         callbacks.append(hydra.utils.instantiate(cfg.finetune.callback))
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log_hyperparameters(cfg, loggers)
+    plugins, slurm_callbacks = slurm_requeue(cfg)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + slurm_callbacks,
+                                                 logger=loggers or False, **({"plugins": plugins} if plugins else {}))
+    log_hyperparameters(cfg, loggers, metric=None if resuming else "val/acc_best")
     return datamodule, model, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test as `cfg` says; returns the final metrics (the sweeper's objective among them)."""
+def slurm_requeue(cfg: DictConfig) -> tuple[list, list[L.Callback]]:
+    """Plugins and callbacks for a SLURM batch job: on `cfg.slurm.requeue_signal` it saves
+    `hpc_ckpt_<n>.ckpt` in the run dir and requeues itself (finetune.requeue); the requeued job runs
+    in the same run dir (finetune.resume) and continues from that checkpoint."""
+    slurm = cfg.get("slurm")
+    if not slurm or not slurm.get("auto_requeue", True) or not SLURMEnvironment.detect():
+        return [], []
+    name = str(slurm.get("requeue_signal", "SIGUSR1")).upper()
+    try:
+        requeue_signal = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except KeyError:
+        raise FinetuneError(f"slurm.requeue_signal={name} is not a signal: use SIGUSR1 or SIGTERM, "
+                            f"as in #SBATCH --signal=USR1@90") from None
+    configured = [hydra.utils.instantiate(p) if isinstance(p, DictConfig) else p
+                  for p in cfg.trainer.get("plugins") or []]
+    # Lightning's own requeue works inside the signal handler; RequeueOnSignal waits for a batch end.
+    return [*configured, SLURMEnvironment(auto_requeue=False)], [RequeueOnSignal(requeue_signal)]
+
+
+def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """A resumed run logs into the same TensorBoard run; steps the stopped run logged after its
+    checkpoint are logged again, so TensorBoard is told to hide the stale ones (SummaryWriter's
+    purge_step) and each step shows once."""
+    loop = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["loops"]["fit_loop"]
+    step = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
+    batches = loop.get("epoch_loop.batch_progress", {}).get("current", {})
+    if batches.get("processed", 0) > batches.get("completed", 0):
+        step += 1  # saved in on_train_batch_end, before Lightning counted the batch (it does on restart)
+    with open_dict(cfg):
+        for entry in (cfg.get("logger") or {}).values():
+            if entry is not None and str(entry.get("_target_", "")).endswith("TensorBoardLogger"):
+                entry.purge_step = step
+
+
+def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, float]:
+    """Fit and test as `cfg` says, continuing from `ckpt_path` (or `cfg.ckpt_path`) when given;
+    returns the final metrics (the sweeper's objective among them)."""
     check_numbers(cfg)
+    ckpt_path = ckpt_path or cfg.get("ckpt_path")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule, model, trainer = build(cfg)
+    if ckpt_path:
+        continue_tensorboard_at(cfg, ckpt_path)
+    datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
     if cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
     # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -70,17 +119,50 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         print_metrics("final metrics", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
         # The sweep summary (finetune.sweep_summary) reads this.
-        Path(cfg.paths.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
+        Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def train_or_resume(cfg: DictConfig) -> dict[str, float]:
+    """`train` in the run dir as `cfg.resume` and the dir's own record say: afresh, from the dir's
+    newest checkpoint, or not at all when this run already finished there."""
+    run_dir = Path(cfg.paths.output_dir)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    start = Start(ckpt_path=Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else \
+        decide_start(run_dir, overrides, cfg.get("resume"))
+    if start.finished:
+        log.info("%s: this run already finished (its metrics: %s); nothing to train. Train more with "
+                 "resume=%s trainer.max_epochs=N, or again with resume=never", run_dir, run_dir / METRICS, run_dir)
+        metrics_file = run_dir / METRICS
+        return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if start.ckpt_path:
+        log.info("resuming %s from %s", run_dir, start.ckpt_path)
+    if is_global_zero():
+        write_record(run_dir, overrides, finished=False)
+    metrics = train(cfg, ckpt_path=start.ckpt_path)
+    if is_global_zero():
+        write_record(run_dir, overrides, finished=True)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @user_errors_as_one_line
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with one_run_for_all_ranks():
-        metrics = train(cfg)
+        metrics = train_or_resume(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
+
+
+def main() -> float | None:
+    """`python train.py ...`: `resume=RUN_DIR` and a SLURM job's run dir become Hydra overrides
+    before Hydra reads the command line (it picks the run dir before any config code runs)."""
+    try:
+        sys.argv = prepare_argv(sys.argv)
+    except FinetuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()
 
 
 if __name__ == "__main__":
