@@ -55,8 +55,9 @@ def merge_overrides(saved: Sequence[str], given: Sequence[str]) -> list[str]:
 
 
 def run_identity(overrides: Sequence[str]) -> list[str]:
-    """The overrides that say which run this is (`resume=` only says how to start it)."""
-    return sorted(o for o in overrides if override_key(o) != "resume")
+    """The overrides that say which run this is (`resume=` and `ckpt_path=` only say where it
+    starts from)."""
+    return sorted(o for o in overrides if override_key(o) not in ("resume", "ckpt_path"))
 
 
 def slurm_job_dir_name(environ: Mapping[str, str]) -> str | None:
