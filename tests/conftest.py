@@ -23,6 +23,12 @@ CONF = ROOT / "conf"
 
 # Offline and quiet everywhere: tests never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# In this process pytest-socket's --allow-hosts (pyproject addopts) refuses connections to anything
+# but loopback; child processes (run_cli, subprocess, spawned workers) inherit this PYTHONPATH and
+# apply the same rule from network_guard/sitecustomize.py.
+NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(NETWORK_GUARD), os.environ.get("PYTHONPATH")) if p)
 
 
 def compose_train(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:

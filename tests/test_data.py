@@ -42,7 +42,34 @@ def test_preprocessing_from_the_model_with_data_overrides_on_top():
     dm.setup()
     image, _ = dm.datasets["test"][0]
     assert image.shape == (3, 40, 40)
-    assert -3 < float(image.mean()) < 3  # normalised, not raw [0, 255]
+
+
+def _test_batch(on_device: bool, model_p: Preprocessing, **stats) -> torch.Tensor:
+    """The first test batch as the model sees it (after the per-batch step, if any)."""
+    dm = ShapesDataModule(image_size=40, resize_size=40, native_size=16, test_size=8, batch_size=8,
+                          num_workers=0, resize_on_device=on_device, **stats)
+    dm.adopt(model_p)
+    dm.setup()
+    assert (dm.batch_transform is not None) == on_device  # the path under test
+    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    return batch[0]
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["per-image", "per-batch-upsampled"])
+def test_the_configured_mean_and_std_are_the_ones_applied(on_device):
+    """Against the same pixels with mean 0, std 1: (x - mean) / std per channel, exactly, whether
+    normalisation happens per image or on the batch (sources at most half the crop size)."""
+    model_p = Preprocessing(crop_size=224, resize_size=232, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    raw = _test_batch(on_device, model_p, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert raw.shape == (8, 3, 40, 40)
+    assert float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0 and float(raw.std()) > 0.1  # pixels/255
+
+    mean, std = (0.1, 0.5, 0.9), (0.5, 0.25, 0.125)
+    configured = _test_batch(on_device, model_p, mean=mean, std=std)
+    expected = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(configured, expected, rtol=1e-5, atol=1e-5)
+    # Left unset, the data takes the model's (the pretrained weights') statistics.
+    torch.testing.assert_close(_test_batch(on_device, model_p), (raw - 0.5) / 0.2, rtol=1e-5, atol=1e-5)
 
 
 def test_cifar10_downloads_with_its_checksum_from_a_local_server(http_server, tmp_path, monkeypatch):
