@@ -58,11 +58,12 @@ def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
 
 
 def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(make_cfg, tmp_path):
-    """lr=1e-30 (0 is refused as a user error): the weights cannot change in float32, so val/acc
-    never improves after epoch 0 and only epoch_000.ckpt is a best checkpoint."""
+    """A frozen backbone (BatchNorm statistics included) and lr=1e-30 (0 is refused as a user
+    error): nothing can change in float32, so val/acc never improves after epoch 0 and only
+    epoch_000.ckpt is a best checkpoint."""
     cfg = make_cfg(["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", *SMALL,
                     "data.batch_size=16", "logger=csv", "test=false", "trainer.max_epochs=3",
-                    "model.optimizer.lr=1e-30"])
+                    "finetune=frozen", "model.optimizer.lr=1e-30"])
     _, _, trainer = build(cfg)
     assert trainer.checkpoint_callback.monitor == "val/acc"  # train() tests the best one
     train(cfg)
