@@ -76,7 +76,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{list(model.class_names)}; evaluate on data with the same class folders"
         )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
-    log.info("checkpoint: %s | classes: %s | preprocessing: %s", cfg.ckpt_path, model.class_names, model.preprocessing)
+    log.info("checkpoint: %s | classes: %s | preprocessing: %s | temperature: %.4g", cfg.ckpt_path,
+             model.class_names, model.preprocessing, model.temperature)
 
     resolve_speed_settings(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
@@ -92,6 +93,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         console = Console()
         console.print(f"checkpoint: {cfg.ckpt_path}", markup=False, highlight=False)
+        if "test/ece" in metrics:
+            console.print(f"calibration: test ECE {metrics['test/ece']:.4f} from the network, "
+                          f"{metrics['test/ece_calibrated']:.4f} with its temperature {model.temperature:.4g}")
         console.print(per_class_table(views))
         console.print(confusion_table(views.matrix, views.class_names))
         if views.save_dir is not None:

@@ -64,10 +64,14 @@ def export(cfg: DictConfig) -> dict:
     sample = torch.randn(cfg.sample_batch_size, 3, p.crop_size, p.crop_size, generator=generator)
     check = check_batch(cfg, p, generator)
 
+    # The parity reference divides by the temperature explicitly; the exported graph has it folded
+    # into the head, so a fold that went wrong fails the check.
+    temperature = model.temperature
+    with torch.no_grad():
+        expected = model(check) / temperature
+    model.fold_temperature()
     target.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, cfg.format, target, sample)
-    with torch.no_grad():
-        expected = model(check)
     got = run_exported(cfg.format, target, check)
     max_diff = float((got - expected).abs().max())
     passed = bool(torch.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol))
@@ -80,7 +84,9 @@ def export(cfg: DictConfig) -> dict:
         "input": {"name": "images", "shape": ["batch", 3, p.crop_size, p.crop_size], "dtype": "float32",
                   "layout": "NCHW, RGB, (pixel / 255 - mean) / std"},
         "output": {"name": "logits", "shape": ["batch", len(model.class_names)],
-                   "note": "softmax gives class probabilities"},
+                   "note": f"the network's logits divided by the temperature ({temperature:.6g}, fitted on "
+                           "the validation split); softmax gives calibrated class probabilities"},
+        "temperature": temperature,
         "class_names": list(model.class_names),
         "preprocessing": {
             "resize_size": p.resize_size, "crop_size": p.crop_size, "interpolation": p.interpolation,

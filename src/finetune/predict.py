@@ -49,7 +49,8 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     dataset = model_inputs(files, p)  # decoded as the run was evaluated (p.draft_decode)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=dataset.collate)
-    log.info("predicting %d files with %s | preprocessing: %s", len(files), cfg.ckpt_path, p)
+    log.info("predicting %d files with %s | preprocessing: %s | temperature: %.4g (probabilities are "
+             "softmax(logits / temperature))", len(files), cfg.ckpt_path, p, model.temperature)
 
     writer = PredictionWriter(output, top_k=cfg.top_k)
     resolve_speed_settings(cfg)

@@ -14,12 +14,14 @@ import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
 
 from finetune.data.file_checks import SkipReport, collate_readable
 from finetune.data.resumable_loader import resumable_train_loader
 from finetune.data.transforms import (
     BatchResize,
     Preprocessing,
+    auto_augment_step,
     eval_transform,
     native_eval_transform,
     native_train_transform,
@@ -47,6 +49,23 @@ def default_num_workers() -> int:
 def default_pin_memory() -> bool:
     """Pinned host memory only pays for copies to a CUDA device."""
     return torch.cuda.is_available()
+
+
+def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """torchvision's MixUp and/or CutMix (one of the two per batch, at random, when both are on, as
+    timm and torchvision's reference recipes do); None when both alphas are 0. The labels they
+    return are soft: (N, num_classes) rows that sum to 1."""
+    steps = [cls(alpha=float(alpha), num_classes=num_classes)
+             for cls, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else v2.RandomChoice(steps)
+
+
+def _check_alpha(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise FinetuneError(f"data.{name}={value} is out of range; use a Beta alpha >= 0 (0: off; 0.2 to 1.0 is usual)")
+    return float(value)
 
 
 def _innermost(dataset: Dataset) -> Dataset:
@@ -83,6 +102,9 @@ class ImageDataModule(L.LightningDataModule):
         crop_scale: Sequence[float] | None = None,
         hflip: bool | None = None,
         augment: bool | None = None,
+        auto_augment: str | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         val_fraction: float = 0.1,
         seed: int = 0,
         max_bad_fraction: float = 0.01,
@@ -101,7 +123,16 @@ class ImageDataModule(L.LightningDataModule):
         self.overrides = {
             "crop_size": image_size, "resize_size": resize_size, "mean": mean, "std": std,
             "interpolation": interpolation, "crop_scale": crop_scale, "hflip": hflip, "augment": augment,
+            "auto_augment": auto_augment,
         }
+        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
+        self.cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
+        auto_augment_step(auto_augment, "bilinear")  # an unknown name fails here, before any data
+        if augment is False and auto_augment:  # the eval transform would silently drop it
+            raise FinetuneError(f"data.auto_augment={auto_augment} needs the training transform, but "
+                                "data.augment=false trains on the eval transform; set data.augment=true or "
+                                "data.auto_augment=null")
+        self.batch_mix: v2.Transform | None = None
         self.val_fraction = val_fraction
         self.seed = seed
         self.max_bad_fraction = max_bad_fraction
@@ -126,6 +157,17 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def mixes_batches(self) -> bool:
+        """Training batches go through MixUp or CutMix (soft targets)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def random_training(self) -> bool:
+        """The training data differs from epoch to epoch (random crops and flips, an auto-augment
+        policy, MixUp/CutMix), so backbone features of it cannot be computed once and cached."""
+        return bool(self.preprocessing.augment or self.preprocessing.auto_augment or self.mixes_batches)
 
     def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
         """Use the model's preprocessing, with this config's explicit values on top."""
@@ -153,6 +195,7 @@ class ImageDataModule(L.LightningDataModule):
                 _innermost(val).replace = False  # evaluation drops a file that fails late
         self.datasets = {"train": train, "val": val, "test": self.make_split("test", eval_tf)}
         self._check_readable()
+        self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
     def _check_readable(self) -> None:
         """Report the files each split left out as unreadable (sources that read files mark them as
@@ -233,13 +276,28 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Tiny sources arrive as uint8 at their own size; resize and normalise the whole batch here.
+        Then training batches go through MixUp/CutMix (`mix_batch`).
 
         Code that iterates the loaders itself (not through the Trainer) calls this too.
         """
         images, *rest = batch
-        if self.batch_transform is None or images.dim() != 4:  # 2-D: cached features
+        if self.batch_transform is not None and images.dim() == 4:  # 2-D: cached features
+            batch = (self.batch_transform(images), *rest)
+        return self.mix_batch(batch)
+
+    def mix_batch(self, batch: Any) -> Any:
+        """MixUp/CutMix on a batch that is about to be trained on: the Trainer is in its training
+        stage and gradients are on. Validation, test and predict batches, and batches read under
+        `torch.no_grad` while training (the frozen-feature cache computing features), stay as they are."""
+        trainer = self.trainer
+        if self.batch_mix is None or trainer is None or not trainer.training or not torch.is_grad_enabled():
             return batch
-        return (self.batch_transform(images), *rest)
+        images, targets = batch
+        if images.dim() != 4:
+            raise FinetuneError(
+                "data.mixup_alpha/data.cutmix_alpha mix images, but this run trains on cached backbone features; "
+                "set finetune.callback.feature_cache=auto (it stays off with mixing) or the alphas to 0")
+        return self.batch_mix(images, targets)
 
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP, each val/test image on exactly one rank. Lightning's default sampler repeats

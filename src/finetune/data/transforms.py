@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from finetune.errors import FinetuneError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -28,6 +30,9 @@ class Preprocessing:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     augment: bool = True
+    # A random augmentation policy after crop and flip, on uint8 (timm's order):
+    # "trivialaugment" (TrivialAugmentWide), "randaugment" (RandAugment) or None.
+    auto_augment: str | None = None
     # JPEGs at least twice the resize size decoded at reduced scale (finetune.data.decode); a
     # checkpoint written before this field existed loads with True, the behaviour it was run with.
     draft_decode: bool = True
@@ -63,6 +68,20 @@ def _interpolation(name: str) -> InterpolationMode:
     return InterpolationMode(name.lower())
 
 
+AUTO_AUGMENT = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}
+
+
+def auto_augment_step(name: str | None, interpolation: str) -> list[Any]:
+    """torchvision's TrivialAugmentWide or RandAugment (default magnitudes) as a list of zero or
+    one step; it runs on PIL or uint8 images, so it goes before ToDtype."""
+    if name is None:
+        return []
+    key = str(name).lower().replace("_", "").replace("-", "")
+    if key not in AUTO_AUGMENT:
+        raise FinetuneError(f"data.auto_augment={name} is not known; use trivialaugment, randaugment or null")
+    return [AUTO_AUGMENT[key](interpolation=_interpolation(interpolation))]
+
+
 def _to_normalised_tensor(p: Preprocessing) -> list[Any]:
     return [
         v2.ToImage(),
@@ -72,7 +91,7 @@ def _to_normalised_tensor(p: Preprocessing) -> list[Any]:
 
 
 def train_transform(p: Preprocessing) -> v2.Compose:
-    """RandomResizedCrop + flip when augmenting; otherwise exactly the eval transform."""
+    """RandomResizedCrop + flip (+ `auto_augment`) when augmenting; otherwise exactly the eval transform."""
     if not p.augment:
         return eval_transform(p)
     steps: list[Any] = [
@@ -83,6 +102,7 @@ def train_transform(p: Preprocessing) -> v2.Compose:
     ]
     if p.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    steps += auto_augment_step(p.auto_augment, p.interpolation)
     return v2.Compose(steps + _to_normalised_tensor(p))
 
 
@@ -120,6 +140,7 @@ def native_train_transform(p: Preprocessing, native_size: int) -> v2.Compose:
     ]
     if p.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    steps += auto_augment_step(p.auto_augment, p.interpolation)
     return v2.Compose(steps + [v2.ToImage()])
 
 

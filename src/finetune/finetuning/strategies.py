@@ -55,10 +55,12 @@ class Frozen(BaseFinetuning):
         datamodule = trainer.datamodule
         if self.feature_cache is False or datamodule is None:
             return
-        deterministic = not datamodule.preprocessing.augment
+        # Random crops/flips, an auto-augment policy or MixUp/CutMix: features differ every epoch.
+        deterministic = not getattr(datamodule, "random_training", datamodule.preprocessing.augment)
         if not deterministic:
             if self.feature_cache == "auto":
-                log.info("feature cache off: the training transform is random (set data.augment=false to use it)")
+                log.info("feature cache off: the training data is random (data.augment, data.auto_augment, "
+                         "data.mixup_alpha, data.cutmix_alpha; turn them off to use it)")
                 return
             log.warning("feature cache on with data augmentation: every epoch sees the same augmented view")
         cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir,

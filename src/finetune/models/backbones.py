@@ -79,24 +79,54 @@ def timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
-def build_network(name: str, weights: str | None) -> tuple[nn.Module, Architecture, Preprocessing]:
+def _drop_path_kwargs(arch: Architecture, drop_path: float | None) -> dict[str, float]:
+    """timm's `drop_path_rate` for `model.drop_path`; a user error where it cannot apply."""
+    if drop_path is None:
+        return {}
+    if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0 <= drop_path < 1:
+        raise FinetuneError(f"model.drop_path={drop_path} is out of range; use a rate in [0, 1), e.g. 0.1, or null")
+    if arch.library != "timm":
+        if drop_path == 0:
+            return {}
+        raise FinetuneError(f"model.drop_path={drop_path}: the torchvision model {arch.name} has no stochastic "
+                            f"depth to set; use a timm model (e.g. model.name=timm:{arch.name}) or model.drop_path=null")
+    return {"drop_path_rate": float(drop_path)}
+
+
+def _create_timm(name: str, **kwargs: float) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as error:  # the model's constructor has no such argument
+        if "drop_path_rate" not in str(error):
+            raise
+        raise FinetuneError(f"model.drop_path: the timm model {name} has no stochastic depth (drop_path_rate); "
+                            "use model.drop_path=null") from None
+
+
+def build_network(
+    name: str, weights: str | None, drop_path: float | None = None
+) -> tuple[nn.Module, Architecture, Preprocessing]:
     """The whole classifier, weights not loaded yet, and the preprocessing those weights expect.
 
     A random-init model keeps the preprocessing of the architecture's default weights, so that
-    pretrained and from-scratch twins see identical inputs.
+    pretrained and from-scratch twins see identical inputs. `drop_path` sets a timm model's
+    stochastic depth rate (it has no parameters, so any weights load the same).
     """
     arch = architecture(name)
+    extra = _drop_path_kwargs(arch, drop_path)
     if arch.library == "timm":
-        model = timm.create_model(weights_lib.timm_pretrained_name(arch.name, weights) or arch.name)
+        model = _create_timm(weights_lib.timm_pretrained_name(arch.name, weights) or arch.name, **extra)
         return model, arch, timm_preprocessing(model)
     enum = weights_lib.torchvision_weights(arch.name, weights)
     model = torchvision.models.get_model(arch.name, weights=None)
     return model, arch, preprocessing_of(enum or weights_lib.default_weights(arch.name))
 
 
-def create_network(name: str, weights: str | None = "DEFAULT") -> tuple[nn.Module, Preprocessing]:
+def create_network(
+    name: str, weights: str | None = "DEFAULT", drop_path: float | None = None
+) -> tuple[nn.Module, Preprocessing]:
     """The whole classifier (ImageNet head included) with `weights` loaded, and its preprocessing."""
-    model, arch, preprocessing = build_network(name, weights)
+    model, arch, preprocessing = build_network(name, weights, drop_path)
     weights_lib.load_into(model, arch.name, weights, arch.library)
     return model, preprocessing
 
@@ -122,9 +152,9 @@ def strip_timm_classifier(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-def create_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
-    """Build `name` with `weights` loaded and its classifier removed."""
-    model, preprocessing = create_network(name, weights)
+def create_backbone(name: str, weights: str | None = "DEFAULT", drop_path: float | None = None) -> Backbone:
+    """Build `name` with `weights` loaded and its classifier removed (`drop_path`: timm's rate)."""
+    model, preprocessing = create_network(name, weights, drop_path)
     timm_model = architecture(name).library == "timm"
     num_features = strip_timm_classifier(model) if timm_model else strip_classifier(model)
     return Backbone(model, num_features, preprocessing)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from finetune.data.transforms import Preprocessing
 from finetune.finetuning.param_groups import check_partition, param_groups
@@ -28,6 +28,13 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+def _calibration_error(num_classes: int) -> MulticlassCalibrationError:
+    """Expected calibration error over 15 confidence bins (Guo et al. 2017). It is fed
+    probabilities, never logits: torchmetrics applies softmax only when some value lies outside
+    [0, 1], so logits that happen to lie inside would be read as probabilities."""
+    return MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
 
 
 class ImageClassifier(L.LightningModule):
@@ -47,6 +54,7 @@ class ImageClassifier(L.LightningModule):
         scheduler: partial | None = None,
         scheduler_interval: str = "epoch",
         head_dropout: float = 0.0,
+        drop_path: float | None = None,
         label_smoothing: float = 0.0,
         head_lr_mult: float = 1.0,
         layer_decay: float | None = None,
@@ -54,12 +62,13 @@ class ImageClassifier(L.LightningModule):
         preprocessing: dict[str, Any] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if class_names is not None:
             class_names = [str(c) for c in class_names]
         self.save_hyperparameters(logger=False)
-        backbone = create_backbone(name, weights)
+        backbone = create_backbone(name, weights, drop_path=drop_path)
         self.backbone = backbone.module
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.num_features, num_classes))
         self.class_names = class_names or [str(i) for i in range(num_classes)]
@@ -70,6 +79,11 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
         self.val_acc_best = MaxMetric()
+        # ECE of the network's own probabilities, and (test) of those divided by the temperature.
+        self.val_ece = _calibration_error(num_classes)
+        self.test_ece = _calibration_error(num_classes)
+        self.test_ece_calibrated = _calibration_error(num_classes)
+        self.set_temperature(temperature)
         self._set_speed(channels_last, compile)
 
     # --- model ------------------------------------------------------------------------------
@@ -77,6 +91,33 @@ class ImageClassifier(L.LightningModule):
         """Record the preprocessing actually used, so the checkpoint carries it."""
         self.preprocessing = p
         self.hparams["preprocessing"] = p.as_dict()
+
+    def set_temperature(self, temperature: float) -> None:
+        """The softmax temperature that calibrates the probabilities (fitted on the validation
+        split by callbacks.calibration); in the hparams, so every checkpoint carries the value
+        fitted for its own weights. Logits (`forward`, the loss, accuracy) never use it: only the
+        probabilities users see (`predict_step`, `test/ece_calibrated`, the exported model) do."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.hparams["temperature"] = self.temperature
+
+    def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / temperature): the same argmax as the logits, honest confidences."""
+        return (logits.float() / self.temperature).softmax(dim=-1)
+
+    @torch.no_grad()
+    def fold_temperature(self) -> None:
+        """Divide the head's last linear layer by the temperature, so `forward` itself returns
+        calibrated logits (for export: the deployed graph needs no extra op); the temperature
+        becomes 1, so the probabilities are the same before and after."""
+        last = self.head[-1]
+        if not isinstance(last, nn.Linear):
+            raise TypeError(f"fold_temperature needs a head ending in nn.Linear, not {type(last).__name__}")
+        last.weight.div_(self.temperature)
+        if last.bias is not None:
+            last.bias.div_(self.temperature)
+        self.set_temperature(1.0)
 
     def _set_speed(self, channels_last: bool | None, compile: bool) -> None:
         """channels_last (None: for CNNs) and torch.compile; the resolved values go in the
@@ -119,10 +160,14 @@ class ImageClassifier(L.LightningModule):
         """(loss, logits); training also logs per-step accuracy, so metrics run forward, not update."""
         images, targets = batch
         logits = self(images)
+        # Class indices, or soft targets (N, C) from MixUp/CutMix: cross_entropy takes both, with
+        # label smoothing applied on top of the soft ones.
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         on_step = stage == "train"
         if on_step:
-            metrics(logits, targets)
+            # Mixed targets have no one true class: accuracy counts the argmax of the soft target
+            # (the image with the larger share), so train/acc stays a fraction in [0, 1].
+            metrics(logits, targets.argmax(dim=-1) if targets.dim() == 2 else targets)
         else:
             metrics.update(logits, targets)
         # Val/test loss averaged over DDP ranks: a scheduler monitoring val/loss must see one value.
@@ -138,8 +183,22 @@ class ImageClassifier(L.LightningModule):
         return self._shared_step(batch, self.train_metrics, "train")[0]
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """The logits reach callbacks (prediction grid) as `outputs`, saving them a forward pass."""
-        return self._shared_step(batch, self.val_metrics, "val")[1]
+        """The logits reach callbacks (prediction grid, temperature fit) as `outputs`, saving
+        them a forward pass."""
+        logits = self._shared_step(batch, self.val_metrics, "val")[1]
+        self._log_calibration(logits, batch[1], "val")
+        return logits
+
+    def _log_calibration(self, logits: torch.Tensor, targets: torch.Tensor, stage: str) -> None:
+        """`<stage>/ece` of the network's probabilities; on test also `test/ece_calibrated`, with
+        the temperature (the one the checkpoint under test carries)."""
+        logits = logits.detach().float()
+        raw = self.val_ece if stage == "val" else self.test_ece
+        raw.update(logits.softmax(dim=-1), targets)
+        self.log(f"{stage}/ece", raw, on_step=False, on_epoch=True)
+        if stage == "test":
+            self.test_ece_calibrated.update(self.calibrated_probabilities(logits), targets)
+            self.log("test/ece_calibrated", self.test_ece_calibrated, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -157,14 +216,21 @@ class ImageClassifier(L.LightningModule):
         if "val_acc_best" in checkpoint:
             self.val_acc_best.reset()
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
+        # trainer.test(ckpt_path="best") loads weights into this module, not its hparams: the
+        # temperature fitted for those weights comes with them (1.0 for older checkpoints).
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+        self.set_temperature(hparams.get("temperature", 1.0))
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """The logits reach callbacks (confusion matrix, top losses) as `outputs`."""
-        return self._shared_step(batch, self.test_metrics, "test")[1]
+        """The logits reach callbacks (confusion matrix, top losses, reliability diagram) as `outputs`."""
+        logits = self._shared_step(batch, self.test_metrics, "test")[1]
+        self._log_calibration(logits, batch[1], "test")
+        return logits
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Calibrated class probabilities (the temperature applied)."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(dim=-1)
+        return self.calibrated_probabilities(self(images))
 
     # --- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

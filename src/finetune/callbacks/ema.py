@@ -1,0 +1,47 @@
+"""Exponential moving average of the weights: Lightning's `EMAWeightAveraging`, made to hold after fit.
+
+Lightning's callback validates with the averaged weights, writes them as a checkpoint's
+`state_dict` (the raw ones go to `current_model_state`, to resume from) and copies them into the
+model when training ends; eval, predict and export read `state_dict`, so they get the average.
+One gap is closed here: `trainer.test(ckpt_path="best")` on the trainer that fitted calls the
+callback's `on_load_checkpoint` again, and Lightning's version then loads `current_model_state`,
+so the test would score the raw weights while the checkpoint and the validation said average.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger("finetune")
+
+
+class EMA(EMAWeightAveraging):
+    """`EMAWeightAveraging` whose average is also what `trainer.test/validate/predict` load.
+
+    `decay` weighs the old average at each optimizer step: the average spans roughly
+    1 / (1 - decay) steps (1000 at 0.999), so it should be well below the run's step count.
+    """
+
+    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+        super().__init__(decay=decay, **kwargs)
+        self._decay = decay
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn when the average would still be mostly the starting weights at the end of the run."""
+        span = 1.0 / (1.0 - self._decay) if self._decay < 1 else float("inf")
+        steps = trainer.estimated_stepping_batches
+        if steps < 3 * span:  # the starting weights keep over e^-3 = 5% of the average
+            log.warning("EMA decay %.4g averages over ~%.0f optimizer steps but the run has %s: the averaged "
+                        "weights stay close to the starting ones; lower callbacks.ema.decay (e.g. %.3g)",
+                        self._decay, span, steps, max(0.5, 1 - 10 / max(steps, 1)))
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming fit: restore the average and the raw weights (Lightning's behaviour). Anything
+        else (test, validate, predict): keep `state_dict`, the average, which is already loaded."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
