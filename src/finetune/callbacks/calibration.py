@@ -94,11 +94,24 @@ def reliability_figure(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 
 def _gather(pl_module: L.LightningModule, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' logits and targets (every rank gets the same, so every rank fits the same T)."""
+    """All ranks' logits and targets (every rank gets the same, so every rank fits the same T).
+
+    Ranks can hold different numbers of images (33 test images over 2 ranks), and all_gather
+    needs equal shapes: pad each rank's rows to the largest count, gather, then drop the padding.
+    """
     logits = torch.cat([p[0] for p in parts])
     targets = torch.cat([p[1] for p in parts])
-    logits = pl_module.all_gather(logits).reshape(-1, logits.shape[-1])
-    targets = pl_module.all_gather(targets).reshape(-1)
+    if pl_module.trainer.world_size <= 1:
+        return logits.cpu(), targets.cpu()
+    count = torch.tensor([len(targets)], device=logits.device)
+    counts = pl_module.all_gather(count).reshape(-1).tolist()
+    pad = max(counts) - len(targets)
+    logits = F.pad(logits, (0, 0, 0, pad))
+    targets = F.pad(targets, (0, pad))
+    all_logits = pl_module.all_gather(logits)
+    all_targets = pl_module.all_gather(targets)
+    logits = torch.cat([all_logits[r, :n] for r, n in enumerate(counts)])
+    targets = torch.cat([all_targets[r, :n] for r, n in enumerate(counts)])
     return logits.cpu(), targets.cpu()
 
 
