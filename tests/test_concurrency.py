@@ -73,6 +73,7 @@ def test_two_runs_started_in_the_same_second_get_two_run_dirs_and_both_finish(tm
         assert (run_dir / "train.log").read_text().count("classes: ") == 1  # its own log only
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_building_the_same_resized_copy_at_once_build_it_once(tmp_path):
     root = write_image_folder(tmp_path / "src", {"train": 40}, size=96)  # 160 images
     cache = tmp_path / "cache"
@@ -122,6 +123,7 @@ def counting_server(tmp_path):
         server.server_close()
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_fetching_the_hotdog_data_at_once_download_and_extract_it_once(tmp_path, counting_server):
     www, base, requests = counting_server
     sha1 = write_hotdog_zip(www / "hotdog.zip", tmp_path / "work", per_class=30)
@@ -137,6 +139,7 @@ def test_two_processes_fetching_the_hotdog_data_at_once_download_and_extract_it_
     assert sorted(p.name for p in data_dir.iterdir() if not p.name.endswith(".lock")) == ["hotdog", "hotdog.zip"]
 
 
+@pytest.mark.slow  # kills a process
 def test_a_resized_copy_killed_while_being_written_is_never_used_and_is_rebuilt(tmp_path, caplog):
     root = write_image_folder(tmp_path / "src", {"train": 100}, size=128)  # 400 images
     cache = tmp_path / "cache"
@@ -157,6 +160,7 @@ def test_a_resized_copy_killed_while_being_written_is_never_used_and_is_rebuilt(
     assert [p for p in cache.iterdir() if not p.name.endswith(".lock")] == [target]  # the killed one's staging is gone
 
 
+@pytest.mark.slow  # kills an end-to-end run
 def test_a_checkpoint_write_killed_midway_keeps_the_previous_last_ckpt(tmp_path):
     # Lightning's own save goes through a temp file in TMPDIR that is then moved over last.ckpt:
     # from another file system (a node's local /tmp, the run dir on shared storage) the move is a

@@ -114,6 +114,7 @@ def with_recorded_choice(ckpt: Path, target: Path, draft: bool | None) -> Path:
     return target
 
 
+@pytest.mark.slow  # train, then predict and export
 def test_the_choice_travels_with_the_checkpoint_and_predict_follows_it(make_cfg, tmp_path):
     root = photo_folder(tmp_path / "photos")
     train(make_cfg(["data=folder", f"data.root={root}", *SMALL, "trainer.max_epochs=1",

@@ -63,6 +63,7 @@ def test_the_tiny_source_takes_the_per_batch_upsampling_path(tiny_folder, tmp_pa
     ["data.mean=[0.5,0.5,0.5]"],  # per-batch normalisation
     ["trainer.precision=bf16-mixed"],  # autocast dtype
 ], ids=["same", "image_size", "mean", "precision"])
+@pytest.mark.slow  # warm and cold trainings per case
 def test_a_changed_config_recomputes_the_features_and_matches_a_cold_cache(
     change, tiny_folder, base_cache, tmp_path
 ):

@@ -70,6 +70,7 @@ class BatchNormModes(L.Callback):
     (["finetune=frozen", "finetune.callback.feature_cache=false"], {0: {False}, 1: {False}}),
     (["finetune=gradual", "finetune.callback.unfreeze_at_epoch=1"], {0: {False}, 1: {True}}),
 ])
+@pytest.mark.slow  # trains twice
 def test_frozen_batchnorm_normalises_with_running_statistics_while_training(make_cfg, strategy, expected):
     """Otherwise training would see batch statistics and evaluation the running ones."""
     dm, model, trainer = build(make_cfg(TINY + strategy + ["trainer.max_epochs=2", "+trainer.num_sanity_val_steps=1"]))
@@ -79,6 +80,7 @@ def test_frozen_batchnorm_normalises_with_running_statistics_while_training(make
     assert modes.epochs == expected
 
 
+@pytest.mark.slow  # multi-epoch training
 def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
     cfg = make_cfg(TINY + [
         "finetune=gradual", "finetune.callback.unfreeze_at_epoch=1",
@@ -97,6 +99,7 @@ def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
                              ("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001))]
 
 
+@pytest.mark.slow  # end-to-end training
 def test_head_lr_mult_and_layer_decay_set_group_learning_rates(make_cfg):
     cfg = make_cfg(TINY + ["finetune=full", "model.head_lr_mult=10", "model.optimizer.lr=5e-5"])
     _, model, _ = build(cfg)
@@ -115,6 +118,7 @@ def test_head_lr_mult_and_layer_decay_set_group_learning_rates(make_cfg):
     assert lrs["backbone.stem"] == pytest.approx(1e-3 * 0.5 ** 9)
 
 
+@pytest.mark.slow  # end-to-end training
 def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg, tmp_path):
     cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "trainer.precision=32-true"])
     dm, model, trainer = build(cfg)
@@ -142,6 +146,7 @@ def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg,
     assert second.exists() and rebuilt.tensors[0].shape == features.tensors[0].shape
 
 
+@pytest.mark.slow  # end-to-end training
 def test_frozen_training_uses_the_cache_when_the_transform_is_deterministic(make_cfg):
     cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "trainer.max_epochs=2"])
     dm, model, trainer = build(cfg)
@@ -154,6 +159,7 @@ def test_frozen_training_uses_the_cache_when_the_transform_is_deterministic(make
     assert 0.0 <= trainer.callback_metrics["test/acc"] <= 1.0
 
 
+@pytest.mark.slow  # end-to-end training
 def test_feature_cache_sees_batches_resized_on_the_device(make_cfg, tmp_path):
     """Tiny sources are upsampled per batch in `on_after_batch_transfer`; the cache must do it too,
     and its features must be those of the same images resized one by one."""
@@ -182,6 +188,7 @@ def test_feature_cache_sees_batches_resized_on_the_device(make_cfg, tmp_path):
     assert (cached - expected).norm() / expected.norm() < 1e-4
 
 
+@pytest.mark.slow  # multi-epoch training, then a resume
 def test_gradual_resumed_after_the_unfreeze_keeps_training_the_backbone(make_cfg, tmp_path):
     run = TINY + ["finetune=gradual", "finetune.callback.unfreeze_at_epoch=1", "test=false",
                   "callbacks=default", "callbacks.rich_progress_bar=null", "model.optimizer.lr=0.01"]

@@ -113,6 +113,7 @@ def best_checkpoint(run: Path) -> Path:
     return best
 
 
+@pytest.mark.slow  # uses the end-to-end `run` fixture
 def test_tensorboard_scalars_hparams_and_views(run):
     events = read_events(run / "tensorboard")
     values = scalars(events)
@@ -145,6 +146,7 @@ def test_tensorboard_scalars_hparams_and_views(run):
     assert matrix.width >= 300 and matrix.height >= 300
 
 
+@pytest.mark.slow  # uses the end-to-end `run` fixture
 def test_training_leaves_the_confusion_matrix_as_csv(run):
     with open(run / "confusion_matrix.csv") as f:
         rows = list(csv.reader(f))
@@ -155,6 +157,7 @@ def test_training_leaves_the_confusion_matrix_as_csv(run):
     assert correct / 32 == pytest.approx(reported_test_acc(run), abs=1e-6)
 
 
+@pytest.mark.slow  # uses the end-to-end `run` fixture
 def test_eval_reproduces_the_reported_test_accuracy(run, tmp_path, capsys):
     # No data=...: the training run's own data config is found next to the checkpoint.
     cfg = compose_train([f"ckpt_path={best_checkpoint(run)}", "trainer.precision=32-true"],
@@ -171,6 +174,7 @@ def test_eval_reproduces_the_reported_test_accuracy(run, tmp_path, capsys):
     assert_learned(metrics["test/acc"])
 
 
+@pytest.mark.slow  # uses the end-to-end `run` fixture
 def test_eval_refuses_data_with_other_classes(run, tmp_path, shapes_folder):
     other = tmp_path / "other"
     shutil.copytree(shapes_folder, other)
@@ -182,6 +186,7 @@ def test_eval_refuses_data_with_other_classes(run, tmp_path, shapes_folder):
         evaluate(cfg)
 
 
+@pytest.mark.slow  # uses the end-to-end `run` fixture
 def test_predict_writes_one_row_per_image_and_skips_unreadable_files(run, tmp_path, shapes_folder):
     images_dir = tmp_path / "images"
     shutil.copytree(shapes_folder / "test", images_dir)
@@ -212,6 +217,7 @@ def test_predict_writes_one_row_per_image_and_skips_unreadable_files(run, tmp_pa
 
 
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+@pytest.mark.slow  # export, on the end-to-end `run` fixture
 def test_export_passes_its_parity_check_and_describes_the_preprocessing(run, tmp_path, fmt, suffix, capsys):
     target = tmp_path / "deploy" / f"shapes{suffix}"
     cfg = compose_train([f"ckpt_path={best_checkpoint(run)}", f"format={fmt}", f"output={target}"],
@@ -274,6 +280,7 @@ def images_of(folder: Path) -> list:
     return found
 
 
+@pytest.mark.slow  # lr range test, then training
 def test_lr_finder_switch_logs_its_plot_and_trains_at_its_suggestion(make_cfg, tmp_path, shapes_folder,
                                                                      capsys, monkeypatch):
     min_lr, max_lr, num_training = 1e-5, 1.0, 16

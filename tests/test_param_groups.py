@@ -141,6 +141,7 @@ class GroupRates(L.Callback):
         check_partition(trainer.optimizers[0].param_groups, pl_module)
 
 
+@pytest.mark.slow  # multi-epoch training
 def test_gradual_unfreeze_keeps_the_per_block_rates_of_layer_decay(make_cfg):
     cfg = make_cfg(TINY + [
         "finetune=gradual", "finetune.callback.unfreeze_at_epoch=1", "finetune.callback.backbone_lr_mult=0.1",

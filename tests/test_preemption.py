@@ -32,18 +32,18 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _scalar_steps(run_dir: Path) -> dict[str, list[int]]:
+def _scalar_steps(run_dir: Path, version: str = "") -> dict[str, list[int]]:
     """Each scalar's steps as TensorBoard shows them (stale events purged)."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard" / version))
     events.Reload()
     return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def _assert_one_clean_tensorboard_run(run_dir: Path, epochs: int, every_step: bool = True) -> None:
+def _assert_one_clean_tensorboard_run(run_dir: Path, epochs: int, every_step: bool = True, version: str = "") -> None:
     """One TensorBoard run (no version subdirs) whose per-step curve has each step once, and every
     step when the run stopped on an epoch boundary."""
-    assert [p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()] == []
-    steps = _scalar_steps(run_dir)
+    assert [p.name for p in (run_dir / "tensorboard" / version).iterdir() if p.is_dir()] == []
+    steps = _scalar_steps(run_dir, version)
     if every_step:
         assert steps["train/loss_step"] == list(range(epochs * STEPS_PER_EPOCH)), steps["train/loss_step"]
         assert len(steps["val/acc"]) == epochs, steps["val/acc"]
@@ -179,9 +179,10 @@ def test_a_sweep_killed_mid_way_and_rerun_skips_resumes_and_starts_its_jobs(tmp_
     for job in ("1", "2"):
         ckpt = _checkpoint(sweep_dir / job / "checkpoints" / "last.ckpt")
         assert (ckpt["epoch"], ckpt["global_step"]) == (2, 3 * STEPS_PER_EPOCH)
-        _assert_one_clean_tensorboard_run(sweep_dir / job, epochs=3)
+        _assert_one_clean_tensorboard_run(sweep_dir / job, epochs=3, version=f"seed={int(job) + 1}")  # its overrides
 
 
+@pytest.mark.slow  # two sweeps
 def test_a_resumed_optuna_study_does_not_reuse_a_finished_trials_dir(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     sweep_dir = tmp_path / "sweep"

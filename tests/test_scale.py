@@ -31,6 +31,7 @@ def _summary(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # DDP
 def test_ddp_on_two_cpu_processes_keeps_one_run_and_tests_the_best_checkpoint(tmp_path, make_cfg):
     # Best by `epoch`, lowest first: the best checkpoint is epoch 0, not the final weights.
     result = run_cli("train.py", "trainer=ddp_cpu", *TINY, "callbacks.rich_progress_bar=null",
@@ -64,6 +65,7 @@ def test_ddp_on_two_cpu_processes_keeps_one_run_and_tests_the_best_checkpoint(tm
     assert ddp_acc == pytest.approx(single_acc, abs=1e-6)
 
 
+@pytest.mark.slow  # DDP sweep
 def test_ddp_jobs_of_a_sweep_each_run_once_in_their_own_dir(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli("train.py", "-m", "trainer=ddp_cpu", *FAST, "seed=1,2",
@@ -75,6 +77,7 @@ def test_ddp_jobs_of_a_sweep_each_run_once_in_their_own_dir(tmp_path):
     assert [r["status"] for r in _summary(sweep_dir)] == ["completed", "completed"]
 
 
+@pytest.mark.slow  # sweep
 def test_a_2x2_multirun_writes_one_row_per_job_and_failures_do_not_stop_the_others(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # Two jobs at a time (joblib): records come from worker processes, the table from this one.
@@ -97,6 +100,7 @@ def test_a_2x2_multirun_writes_one_row_per_job_and_failures_do_not_stop_the_othe
     assert "sweep summary" in result.stdout and "failed" in result.stdout
 
 
+@pytest.mark.slow  # sweep
 def test_optuna_search_runs_trials_offline_and_resumes_from_its_storage(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     search = ["hparams_search=optuna", *FAST, f"hydra.sweeper.storage={storage}",
@@ -132,6 +136,7 @@ def test_a_ddp_child_reruns_only_its_own_job():
         "model.optimizer.lr=1e-4", "hydra.verbose=true", "hydra.mode=RUN"]
 
 
+@pytest.mark.slow  # sweep through the CLI
 def test_the_slurm_launcher_writes_a_multi_node_sbatch_script(tmp_path):
     # No cluster here: stand-ins for srun and sbatch refuse, leaving the script that would go out.
     fake_bin = tmp_path / "bin"

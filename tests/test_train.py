@@ -33,6 +33,7 @@ def test_training_on_an_image_folder_sizes_the_head_and_records_the_classes(make
     assert ckpt["state_dict"]["head.1.weight"].shape == (3, 512)
 
 
+@pytest.mark.slow  # trains, then resumes
 def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
     tiny = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", *SMALL,
             "data.batch_size=16", "logger=csv", "test=false", "callbacks=default",
@@ -120,6 +121,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
+@pytest.mark.slow  # one CLI process per case
 def test_bad_input_is_one_clear_line(case, tmp_path):
     args, expected = BAD_INPUT[case]
     if isinstance(args, str):

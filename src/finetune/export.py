@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from finetune.config_source import CONFIG_PATH
 from finetune.data.image_files import find_files, model_inputs
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
@@ -26,7 +27,6 @@ from finetune.models.exporters import FORMATS, export_model, run_exported
 from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def check_batch(cfg: DictConfig, p: Preprocessing, generator: torch.Generator) -> torch.Tensor:
@@ -120,7 +120,7 @@ def decode_step(p: Preprocessing) -> str:
             f"kept >= {max(p.resize_size, p.crop_size)}), ")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     export(cfg)

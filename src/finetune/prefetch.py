@@ -13,12 +13,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from finetune.config_source import CONFIG_PATH
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
 from finetune.models.backbones import build_network
 from finetune.runtime import user_errors_as_one_line
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @dataclass
@@ -36,10 +35,11 @@ class Fetched:
 
 def fetch_weights(name: str, weights: str | None) -> Fetched:
     model, arch, _ = build_network(name, weights)
-    fetched = Fetched(f"weights {name} {weights}", url=weights_lib.source_url(model, arch.name, weights, arch.library))
+    source = weights_lib.resolve(weights, model, arch.name, arch.library)
+    fetched = Fetched(f"weights {name} {weights}", url=source.url())
     try:
-        weights_lib.load_into(model, arch.name, weights, arch.library)
-        fetched.where = weights_lib.stored_at(model, arch.name, weights, arch.library)
+        source.load()
+        fetched.where = source.location()
     except FinetuneError as e:
         fetched.error = str(e)
     return fetched
@@ -66,7 +66,7 @@ def prefetch(cfg: DictConfig) -> list[Fetched]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prefetch")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prefetch")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     failed = [r for r in prefetch(cfg) if r.where is None]

