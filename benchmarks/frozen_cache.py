@@ -86,12 +86,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--trainer", default="cpu", help="the trainer= config group: cpu, gpu")
     args = parser.parse_args()
 
     work = scratch_dir("frozen-cache-")
     root, what = data_root(args, work)
     common = [
-        "experiment=offline_transfer", f"model.name={args.model}",
+        "experiment=offline_transfer", f"trainer={args.trainer}", f"model.name={args.model}",
         f"model.weights={args.weights}", f"data.image_size={args.image_size}",
         f"data.resize_size={args.image_size}", f"trainer.precision={args.precision}",
         "data.num_workers=0", "callbacks=none", "logger=[]",
