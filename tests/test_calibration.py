@@ -160,3 +160,45 @@ def test_calibrate_false_leaves_the_temperature_at_one(shapes_folder, tmp_path):
     assert "val/temperature" not in metrics and "val/ece" in metrics
     hparams = torch.load(best_of(tmp_path), map_location="cpu", weights_only=False)["hyper_parameters"]
     assert hparams["temperature"] == 1.0
+
+
+def test_predict_tta_hflip_averages_the_logits_of_both_views(run, tmp_path, shapes_folder):
+    best = best_of(run[0])
+    model = load_classifier(best)
+    out = tmp_path / "out"
+    predict(compose_train([f"ckpt_path={best}", f"input={shapes_folder / 'test'}", "top_k=1", "tta=hflip"], out,
+                          config_name="predict"))
+    with open(out / "predictions.csv") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    dataset = model_inputs(find_files(shapes_folder / "test"), model.preprocessing)
+    paths, images, _ = zip(*(dataset[i] for i in range(len(dataset))))
+    images = torch.stack(images)
+    with torch.no_grad():
+        plain, mirrored = model(images), model(images.flip(-1))
+    expected = ((plain + mirrored) / 2 / model.temperature).softmax(-1)
+    got = torch.stack([torch.tensor([float(rows[str(p)][f"prob_{c}"]) for c in model.class_names]) for p in paths])
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, (plain / model.temperature).softmax(-1), atol=1e-3)  # TTA mattered
+
+
+def test_eval_tta_hflip_tests_on_both_views(run, tmp_path, shapes_folder):
+    from finetune.evaluate import evaluate
+    best = best_of(run[0])
+    data = ["data=folder", f"data.root={shapes_folder}", "data.num_workers=0", "trainer.precision=32-true"]
+    plain = evaluate(compose_train([f"ckpt_path={best}", "logger=[]", *data], tmp_path / "plain", config_name="eval"))
+    both = evaluate(compose_train([f"ckpt_path={best}", "logger=[]", "tta=hflip", *data], tmp_path / "tta",
+                                  config_name="eval"))
+    # The test loss is the loss of the averaged logits of each test image and its mirror image.
+    model = load_classifier(best)
+    dataset = model_inputs(find_files(shapes_folder / "test"), model.preprocessing)
+    _, images, _ = zip(*(dataset[i] for i in range(len(dataset))))
+    images = torch.stack(images)
+    targets = torch.tensor([model.class_names.index(Path(p).parent.name) for p, _, _ in
+                            (dataset[i] for i in range(len(dataset)))])
+    with torch.no_grad():
+        plain_logits, mirrored = model(images), model(images.flip(-1))
+    assert plain["test/loss"] == pytest.approx(float(F.cross_entropy(plain_logits, targets)), abs=1e-4)
+    assert both["test/loss"] == pytest.approx(float(F.cross_entropy((plain_logits + mirrored) / 2, targets)), abs=1e-4)
+    assert plain["test/loss"] != pytest.approx(both["test/loss"], abs=1e-4)
+    with pytest.raises(Exception, match="tta=vflip"):
+        model.set_tta("vflip")

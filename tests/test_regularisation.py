@@ -125,6 +125,7 @@ def test_drop_path_reaches_the_timm_backbone_and_is_refused_for_torchvision(make
         ImageClassifier("timm:vgg11", weights=None, num_classes=4, drop_path=0.1)
 
 
+@pytest.mark.slow  # multi-epoch training
 def test_ema_weights_are_the_ones_checkpointed_and_tested(make_cfg, tmp_path):
     """train() tests the best checkpoint on the trainer that fitted it; the test must score the
     averaged weights (the checkpoint's state_dict, what eval and export load), not the raw ones."""
@@ -145,3 +146,30 @@ def test_ema_weights_are_the_ones_checkpointed_and_tested(make_cfg, tmp_path):
 
     assert metrics["test/loss"] == pytest.approx(test_loss(averaged), rel=1e-6)
     assert test_loss(raw) != pytest.approx(metrics["test/loss"], rel=1e-6)
+
+
+@pytest.mark.slow  # multi-epoch training
+def test_ema_starting_at_a_later_epoch_validates_and_saves_the_training_weights_until_then(make_cfg, tmp_path):
+    """Before its first update the average is the model as it trains (LP-FT starts the EMA with
+    stage 2): not the copy made at setup, and no update happens before the start epoch."""
+    cfg = make_cfg(["data=shapes", *SMALL, "finetune=full", "trainer.max_epochs=2", "test=false",
+                    "callbacks=[default,ema]", "callbacks.rich_progress_bar=null", "callbacks.ema.decay=0.7",
+                    "callbacks.ema.update_starting_at_epoch=1", "callbacks.prediction_grid=null",
+                    "callbacks.model_checkpoint.save_top_k=-1"])
+    datamodule, model, trainer = build(cfg)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")
+    updates = []
+
+    class CountUpdates(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            updates.append(int(ema._average_model.n_averaged))
+
+    trainer.callbacks.append(CountUpdates())
+    trainer.fit(model, datamodule=datamodule)
+    assert updates[0] == 0 and updates[1] > 0
+    first = torch.load(tmp_path / "checkpoints" / "epoch_000.ckpt", weights_only=False)
+    assert torch.equal(first["state_dict"]["head.1.weight"], first["current_model_state"]["head.1.weight"])
+    assert not torch.equal(first["state_dict"]["head.1.weight"], start["head.1.weight"])
+    second = torch.load(tmp_path / "checkpoints" / "epoch_001.ckpt", weights_only=False)
+    assert not torch.equal(second["state_dict"]["head.1.weight"], second["current_model_state"]["head.1.weight"])

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from finetune.callbacks import ConfusionMatrix
 from finetune.config_checks import check_numbers
+from finetune.config_source import CONFIG_PATH
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import (
@@ -27,7 +28,6 @@ from finetune.runtime import (
 )
 
 log = logging.getLogger("finetune")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def training_data_config(ckpt_path: str) -> DictConfig:
@@ -69,6 +69,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test `cfg.ckpt_path` on `cfg.data` (or the run's data); returns the test metrics."""
     check_numbers(cfg)
     model = load_classifier(cfg.ckpt_path)
+    model.set_tta(cfg.get("tta"))
     datamodule = hydra.utils.instantiate(cfg.data if cfg.get("data") else training_data_config(cfg.ckpt_path))
     if list(datamodule.classes) != list(model.class_names):
         raise FinetuneError(
@@ -76,8 +77,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{list(model.class_names)}; evaluate on data with the same class folders"
         )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
-    log.info("checkpoint: %s | classes: %s | preprocessing: %s | temperature: %.4g", cfg.ckpt_path,
-             model.class_names, model.preprocessing, model.temperature)
+    log.info("checkpoint: %s | classes: %s | preprocessing: %s | temperature: %.4g | tta: %s", cfg.ckpt_path,
+             model.class_names, model.preprocessing, model.temperature, model.tta)
 
     resolve_speed_settings(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
@@ -92,7 +93,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         console = Console()
-        console.print(f"checkpoint: {cfg.ckpt_path}", markup=False, highlight=False)
+        console.print(f"checkpoint: {cfg.ckpt_path}" + (f" (test-time augmentation: {model.tta})" if model.tta else ""),
+                      markup=False, highlight=False)
         if "test/ece" in metrics:
             console.print(f"calibration: test ECE {metrics['test/ece']:.4f} from the network, "
                           f"{metrics['test/ece_calibrated']:.4f} with its temperature {model.temperature:.4g}")
@@ -103,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

@@ -19,13 +19,13 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from finetune.callbacks import PredictionWriter
+from finetune.config_source import CONFIG_PATH
 from finetune.data.image_files import find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
 
 log = logging.getLogger("finetune")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def summary(writer: PredictionWriter) -> Table:
@@ -44,13 +44,14 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     if output.exists():
         raise FinetuneError(f"output={output} exists; pass another output=PATH or move the file away")
     model = load_classifier(cfg.ckpt_path)
+    model.set_tta(cfg.get("tta"))
     files = find_files(cfg.input)
     p = model.preprocessing
     dataset = model_inputs(files, p)  # decoded as the run was evaluated (p.draft_decode)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=dataset.collate)
     log.info("predicting %d files with %s | preprocessing: %s | temperature: %.4g (probabilities are "
-             "softmax(logits / temperature))", len(files), cfg.ckpt_path, p, model.temperature)
+             "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.temperature, model.tta)
 
     writer = PredictionWriter(output, top_k=cfg.top_k)
     resolve_speed_settings(cfg)
@@ -71,7 +72,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     return writer
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
     predict(cfg)

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -15,22 +16,25 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
+from finetune.callbacks.param_counts import ParameterCounts
 from finetune.config_checks import check_input_size, check_numbers
+from finetune.config_source import CONFIG_PATH
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
+from finetune.hparams_view import FIT_TIME
 from finetune.lr_finder import tune_learning_rate
 from finetune.requeue import RequeueOnSignal
 from finetune.resume import METRICS, Start, decide_start, prepare_argv, write_record
 from finetune.runtime import (
     instantiate_all,
     log_hyperparameters,
+    print_config_tree,
     print_metrics,
     resolve_speed_settings,
     user_errors_as_one_line,
 )
 
 log = logging.getLogger("finetune")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -45,15 +49,22 @@ def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModul
         check_input_size(model.backbone, model.preprocessing.crop_size, channels_last=model.channels_last)
     log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
     resolve_speed_settings(cfg, model)
+    print_config_tree(cfg)
 
     callbacks = instantiate_all(cfg.get("callbacks"))
     if cfg.get("finetune") and cfg.finetune.get("callback"):
+        if "_target_" not in cfg.finetune.callback:
+            raise FinetuneError(
+                f"finetune.callback has settings ({', '.join(cfg.finetune.callback)}) but no _target_: they belong "
+                f"to another strategy than finetune={cfg.finetune.get('name')} (an experiment's knobs after "
+                "switching finetune=...); remove them with ~finetune.callback.KEY or keep the experiment's strategy")
         callbacks.append(hydra.utils.instantiate(cfg.finetune.callback))
+    callbacks.append(ParameterCounts())  # after the strategy's callback: it counts what that one froze
     loggers = instantiate_all(cfg.get("logger"))
     plugins, slurm_callbacks = slurm_requeue(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + slurm_callbacks,
                                                  logger=loggers or False, **({"plugins": plugins} if plugins else {}))
-    log_hyperparameters(cfg, loggers, metric=None if resuming else "val/acc_best")
+    log_hyperparameters(cfg, loggers, image_size=model.preprocessing.crop_size, resuming=resuming)
     return datamodule, model, trainer
 
 
@@ -105,13 +116,18 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
     # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
+    started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics[FIT_TIME] = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
+    for lg in trainer.loggers:
+        lg.log_metrics({FIT_TIME: metrics[FIT_TIME]}, step=trainer.global_step)
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
+        model.set_tta(cfg.get("tta"))
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if best:
@@ -145,7 +161,7 @@ def train_or_resume(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @user_errors_as_one_line
 def hydra_main(cfg: DictConfig) -> float | None:
     with one_run_for_all_ranks():

@@ -45,3 +45,31 @@ class EMA(EMAWeightAveraging):
         else (test, validate, predict): keep `state_dict`, the average, which is already loaded."""
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """`update_starting_at_epoch` holds for the per-step updates too (Lightning's rule checks
+        the step condition first, which passes from step 0 when no start step is set)."""
+        if self.update_starting_at_epoch is not None and trainer.current_epoch < self.update_starting_at_epoch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _follow_until_first_update(self, pl_module: L.LightningModule) -> None:
+        """An average of no updates is the model as it trains, not the copy Lightning made at
+        setup: without this, validation and checkpoints before the first update (LP-FT's stage 1
+        with `update_starting_at_epoch`) would score and save the starting weights."""
+        average = self._average_model
+        if average is not None and int(average.n_averaged) == 0:
+            average.module.load_state_dict(pl_module.state_dict())
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow_until_first_update(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._follow_until_first_update(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._follow_until_first_update(pl_module)
+        super().on_train_end(trainer, pl_module)

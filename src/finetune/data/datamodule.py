@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -139,6 +139,9 @@ class ImageDataModule(L.LightningDataModule):
         self.skip_report = SkipReport(skipped_csv)
         self.preprocessing = Preprocessing().override(**self.overrides)
         self.datasets: dict[str, Dataset] = {}
+        # A callback's stand-in for a split's images, asked each time a loader is built (so after
+        # a checkpoint restored the epoch): LP-FT's cached features in its first stage.
+        self.stand_in: Callable[[str], Dataset | None] | None = None
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -188,6 +191,7 @@ class ImageDataModule(L.LightningDataModule):
             native = self.source_size() or p.crop_size
             train_tf, eval_tf = native_train_transform(p, native), native_eval_transform(p, native)
             self.batch_transform = BatchResize(p)
+        self._eval_tf = eval_tf
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
             train, val = self._split_off_val(train, self.make_split("train", eval_tf))
@@ -196,6 +200,22 @@ class ImageDataModule(L.LightningDataModule):
         self.datasets = {"train": train, "val": val, "test": self.make_split("test", eval_tf)}
         self._check_readable()
         self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
+
+    def train_eval_view(self) -> Dataset:
+        """The training images through the evaluation transform (no random crop, flip, policy):
+        what a linear probe on cached features trains on (`finetune=lp_ft`). The same images as
+        `datasets["train"]`, in the same order."""
+        self.setup("fit")
+        train = self.datasets["train"]
+        if not (self.preprocessing.augment or self.preprocessing.auto_augment):
+            return train
+        view = self.make_split("train", self._eval_tf)
+        if isinstance(train, Subset):  # val was split off train
+            view = Subset(view, train.indices)
+        if len(view) != len(train):
+            raise RuntimeError(f"the training split seen through the eval transform has {len(view)} images, "
+                               f"not {len(train)}")
+        return view
 
     def _check_readable(self) -> None:
         """Report the files each split left out as unreadable (sources that read files mark them as
@@ -242,8 +262,13 @@ class ImageDataModule(L.LightningDataModule):
             return self.num_workers
         return 0 if self.trainer.strategy.root_device.type == "cpu" else self.num_workers
 
+    def dataset(self, split: str) -> Dataset:
+        """What `split`'s loader reads: the stand-in if a callback offers one, else the images."""
+        stand_in = self.stand_in(split) if self.stand_in is not None else None
+        return self.datasets[split] if stand_in is None else stand_in
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
+        dataset = self.dataset(split)
         batch_size = self.batch_size if split == "train" else self.eval_batch_size
         workers = self.loader_workers()
         common = {
@@ -293,6 +318,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.batch_mix is None or trainer is None or not trainer.training or not torch.is_grad_enabled():
             return batch
         images, targets = batch
+        if images.dim() != 4 and self.stand_in is not None and self.stand_in("train") is not None:
+            return batch  # LP-FT's first stage: the head trains on cached features; mixing starts after
         if images.dim() != 4:
             raise FinetuneError(
                 "data.mixup_alpha/data.cutmix_alpha mix images, but this run trains on cached backbone features; "

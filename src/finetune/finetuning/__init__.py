@@ -2,6 +2,6 @@
 
 from finetune.finetuning.feature_cache import FeatureCache
 from finetune.finetuning.param_groups import param_groups
-from finetune.finetuning.strategies import Frozen, Gradual
+from finetune.finetuning.strategies import Frozen, Gradual, LinearProbeThenFinetune
 
-__all__ = ["FeatureCache", "Frozen", "Gradual", "param_groups"]
+__all__ = ["FeatureCache", "Frozen", "Gradual", "LinearProbeThenFinetune", "param_groups"]

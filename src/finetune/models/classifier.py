@@ -16,6 +16,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from finetune.data.transforms import Preprocessing
+from finetune.errors import FinetuneError
 from finetune.finetuning.param_groups import check_partition, param_groups
 from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
@@ -35,6 +36,9 @@ def _calibration_error(num_classes: int) -> MulticlassCalibrationError:
     probabilities, never logits: torchmetrics applies softmax only when some value lies outside
     [0, 1], so logits that happen to lie inside would be read as probabilities."""
     return MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
+
+
+TTA_VIEWS = (None, "hflip")
 
 
 class ImageClassifier(L.LightningModule):
@@ -85,6 +89,9 @@ class ImageClassifier(L.LightningModule):
         self.test_ece_calibrated = _calibration_error(num_classes)
         self.set_temperature(temperature)
         self._set_speed(channels_last, compile)
+        # Test-time augmentation for test and predict (eval.py/predict.py tta=hflip): a choice of
+        # the evaluation, not of the model, so not a hyperparameter.
+        self.tta: str | None = None
 
     # --- model ------------------------------------------------------------------------------
     def set_preprocessing(self, p: Preprocessing) -> None:
@@ -143,6 +150,21 @@ class ImageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
 
+    def set_tta(self, tta: str | None) -> None:
+        """`hflip`: test and predict average the logits of each image and its mirror image (then
+        the temperature and softmax apply as usual, so loss, ECE and probabilities stay defined
+        on one set of logits); None: the plain view."""
+        if tta not in TTA_VIEWS:
+            raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
+        self.tta = tta
+
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits through `self.tta`'s views (the plain forward without TTA or for cached features)."""
+        logits = self(images)
+        if self.tta == "hflip" and images.dim() == 4:
+            logits = (logits + self(images.flip(-1))) / 2
+        return logits
+
     def train(self, mode: bool = True) -> ImageClassifier:
         """BatchNorm layers whose parameters are frozen also keep their running statistics."""
         super().train(mode)
@@ -159,7 +181,7 @@ class ImageClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits); training also logs per-step accuracy, so metrics run forward, not update."""
         images, targets = batch
-        logits = self(images)
+        logits = self.tta_logits(images) if stage == "test" else self(images)
         # Class indices, or soft targets (N, C) from MixUp/CutMix: cross_entropy takes both, with
         # label smoothing applied on top of the soft ones.
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
@@ -230,7 +252,7 @@ class ImageClassifier(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Calibrated class probabilities (the temperature applied)."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.calibrated_probabilities(self(images))
+        return self.calibrated_probabilities(self.tta_logits(images))
 
     # --- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
