@@ -39,7 +39,8 @@ PROBE = ["experiment=offline_transfer", "trainer.max_epochs={probe_epochs}", "mo
 # The fine-tuning rows without LP-FT start from the probe's experiment (offline_finetune's LP-FT
 # knobs would not fit their strategy) with offline_finetune's optimizer, augmentation and batch.
 FINETUNE = ["experiment=offline_transfer", "model.optimizer._target_=torch.optim.AdamW",
-            "model.optimizer.weight_decay=0.05", "data.augment=true", "trainer.max_epochs={epochs}"]
+            "model.optimizer.weight_decay=0.05", "data.augment=true", "data.crop_scale=[0.5,1.0]",
+            "trainer.max_epochs={epochs}"]
 LP_FT = ["experiment=offline_finetune", "finetune.callback.lp_epochs={probe_epochs}", "model.optimizer.lr={probe_lr}",
          "trainer.max_epochs={lp_ft_epochs}"]
 PLAIN = ["callbacks.ema=null", "data.mixup_alpha=0", "data.cutmix_alpha=0", "model.drop_path=null"]
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--trainer", default="cpu", help="the trainer= config group: cpu, gpu")
     parser.add_argument("--only", nargs="*", help="run only these recipes (names as in the table)")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides for every recipe")
     args = parser.parse_args()
 
     work = scratch_dir("recipes-")
@@ -99,7 +101,7 @@ def main() -> None:
         f"data.batch_size={args.batch_size}", f"paths.data_dir={work / 'data'}",
         "callbacks.rich_progress_bar=null", "callbacks.prediction_grid=null", "callbacks.top_losses=null",
         "callbacks.confusion_matrix=null", "callbacks.lr_monitor=null", "logger=[]", "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
+        "+trainer.enable_model_summary=false", *args.override,
     ]
     values = {"epochs": args.epochs, "probe_epochs": args.probe_epochs, "lr": args.lr, "probe_lr": 10 * args.lr,
               "lp_ft_epochs": args.probe_epochs + args.epochs}

@@ -27,6 +27,7 @@ class BatchKinds(L.Callback):
         self.epochs.setdefault(trainer.current_epoch, set()).add((inputs.dim(), targets.dim() == 2))
 
 
+@pytest.mark.slow
 def test_lp_ft_trains_the_head_on_features_then_everything_at_the_lower_rate(make_cfg):
     # Random training data (crops, flips, MixUp) must not stop stage 1 from using cached features.
     cfg = make_cfg(LP_FT + ["trainer.max_epochs=3", "data.augment=true", "data.mixup_alpha=0.4"])
@@ -73,6 +74,7 @@ def test_lp_ft_logs_the_stage_and_its_groups_follow_the_schedule(make_cfg, tmp_p
         assert lrs[epoch]["backbone"] == pytest.approx(lrs[epoch - 1]["backbone"] / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed_after", [1, 3])  # in stage 1, in stage 2
 def test_lp_ft_resumed_in_either_stage_ends_as_the_uninterrupted_run(make_cfg, tmp_path, killed_after):
     run = LP_FT + ["test=false", "callbacks=default", "callbacks.rich_progress_bar=null",
