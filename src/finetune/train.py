@@ -122,6 +122,7 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     metrics[FIT_TIME] = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
     for lg in trainer.loggers:
         lg.log_metrics({FIT_TIME: metrics[FIT_TIME]}, step=trainer.global_step)
+        lg.save()  # the CSV logger writes on save, and its last save was at the end of fit
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
