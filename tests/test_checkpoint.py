@@ -90,6 +90,7 @@ def test_a_missing_or_unset_checkpoint_is_one_user_error(tmp_path):
         load_classifier(None)
 
 
+@pytest.mark.slow
 def test_eval_on_a_truncated_checkpoint_prints_one_line_and_exits_2(trained, tmp_path, shapes_folder):
     bad = tmp_path / "bad.ckpt"
     _truncated(trained, bad)

@@ -38,6 +38,7 @@ def test_without_cuda_it_says_skipped_and_exits_0():
     assert "== summary ==" not in result.stdout
 
 
+@pytest.mark.slow
 def test_an_exhausted_budget_skips_every_stage_with_a_line():
     result = run_cli(SCRIPT, "--device", "cpu", "--tiny", "--budget", "0", env=NO_GPU, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

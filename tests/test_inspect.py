@@ -234,6 +234,7 @@ def test_export_passes_its_parity_check_and_describes_the_preprocessing(run, tmp
         export(cfg)
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_one_error_line(tmp_path, shapes_folder):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04 this is not a checkpoint")

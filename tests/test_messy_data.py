@@ -139,6 +139,7 @@ def test_a_run_on_a_messy_folder_skips_names_and_trains_on_the_rest(tmp_path):
     assert folder_listing(root) == before  # nothing in the user's folder changed
 
 
+@pytest.mark.slow
 def test_too_many_unreadable_files_stop_before_training(tmp_path):
     root, _ = _messy_folder(tmp_path)
     run_dir = tmp_path / "run"
@@ -278,6 +279,7 @@ def test_nonsensical_numbers_are_one_line_naming_the_key_and_the_range(override,
     assert len(lines) == 1 and BAD_NUMBERS[override] in lines[0] and "use " in lines[0], result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_an_image_size_the_backbone_cannot_take_is_one_line(tmp_path):
     result = run_cli("train.py", "data=shapes", "model.name=vit_b_16", "model.weights=null",
                      "data.image_size=48", "data.resize_size=48", f"hydra.run.dir={tmp_path / 'run'}",

@@ -154,6 +154,7 @@ def test_streaming_adopts_the_sources_transforms(converted, folder, tmp_path):
     assert dm2.preprocessing.augment is False and dm2.preprocessing.crop_size == 32
 
 
+@pytest.mark.slow
 def test_training_from_s3_gives_the_metrics_of_the_local_folder(converted, folder, tmp_path, aws_env):
     uri = f"s3://{BUCKET}/shapes-set"
     _convert(["data=folder", f"data.root={folder}", *SMALL], uri, tmp_path / "convert")
@@ -175,6 +176,7 @@ def test_a_missing_bucket_or_data_set_is_one_line_naming_the_uri(aws_env, tmp_pa
         StreamingDataModule(str(tmp_path)).prepare_data()
 
 
+@pytest.mark.slow
 def test_an_unreachable_endpoint_is_one_error_line_naming_the_uri_and_the_fix(tmp_path):
     endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     result = run_cli("train.py", "data=streaming", f"data.input_dir=s3://{BUCKET}/set", "model.weights=null",
@@ -219,6 +221,7 @@ def test_a_resumed_epoch_sees_every_remaining_sample_once(converted, workers):
     assert sorted(again) == sorted(alone) and again != alone
 
 
+@pytest.mark.slow
 def test_the_frozen_feature_cache_keys_on_the_streaming_data(converted, tmp_path):
     cache = tmp_path / "features"
     run = _streaming(converted, "finetune=frozen", "data.augment=false",
