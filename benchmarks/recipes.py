@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 from _common import CIFAR_TARBALL, product_config, scratch_dir
-from linear_probe import extract_subset
+from frozen_cache import data_root
 
-from finetune.data.shapes import write_image_folder
 from finetune.train import train
 
 # What each recipe adds to the common settings. The fine-tuning rows share the optimizer
@@ -52,20 +51,6 @@ RECIPES: dict[str, list[str]] = {
     "LP-FT": [*LP_FT, *PLAIN],
     "LP-FT + EMA + mixup/cutmix + TTA": [*LP_FT, "tta=hflip"],
 }
-
-
-def data_root(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
-    """(ImageFolder tree, what it is)."""
-    if args.data_root:
-        return args.data_root, str(args.data_root)
-    if args.archive.is_file():
-        per_class = {"train": args.train_per_class, "test": args.test_per_class}
-        return extract_subset(args.archive, work / "cifar", per_class), (
-            f"CIFAR-10 photos from {args.archive.name}: {args.train_per_class} train per class "
-            f"(10% split off as val) and {args.test_per_class} test per class")
-    print(f"no {args.archive}: generated shapes (the figures say nothing about real photos)")
-    root = write_image_folder(work / "shapes", {"train": args.train_per_class, "test": args.test_per_class}, size=64)
-    return root, "generated shapes"
 
 
 def run(recipe: list[str], common: list[str], values: dict, out_dir: Path) -> dict[str, float]:
