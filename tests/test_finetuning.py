@@ -43,6 +43,13 @@ class Snapshots(L.Callback):
         self.groups.append([(g.get("name"), g["lr"]) for g in trainer.optimizers[0].param_groups])
 
 
+class LoaderData(L.Callback):
+    """What the training loader reads (the images, or a strategy's stand-in such as cached features)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train = trainer.train_dataloader.dataset
+
+
 def test_frozen_keeps_every_backbone_tensor_bitwise(make_cfg):
     cfg = make_cfg(TINY + ["finetune=frozen", "trainer.max_epochs=2"])
     dm, model, trainer = build(cfg)
@@ -51,7 +58,10 @@ def test_frozen_keeps_every_backbone_tensor_bitwise(make_cfg):
     assert changed(backbone, snapshot(model.backbone)) == []  # weights and BN running stats
     assert any(k.endswith("running_mean") for k in backbone)
     assert sorted(changed(head, snapshot(model.head))) == ["1.bias", "1.weight"]
-    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["head", "head.no_decay"]
+    # Every group exists from the start; the frozen backbone's parameters get no gradient.
+    assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["backbone", "backbone.no_decay", "head",
+                                                                       "head.no_decay"]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
 class BatchNormModes(L.Callback):
@@ -94,9 +104,10 @@ def test_gradual_unfreezes_at_the_configured_epoch(make_cfg):
     trainer.fit(model, datamodule=dm)
     assert changed(start, spy.backbone[0]) == []
     assert len(changed(spy.backbone[0], spy.backbone[1])) > 10
-    assert spy.groups[0] == [("head", 0.01), ("head.no_decay", 0.01)]
-    assert spy.groups[1] == [("head", 0.01), ("head.no_decay", 0.01),
-                             ("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001))]
+    # The backbone's groups are there from the start, at 0.1x; only what trains changes.
+    groups = [("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001)),
+              ("head", 0.01), ("head.no_decay", 0.01)]
+    assert spy.groups == [groups, groups]
 
 
 @pytest.mark.slow  # end-to-end training
@@ -129,6 +140,7 @@ def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg,
 
     cache = FeatureCache(model.backbone, trainer, str(tmp_path / "cache"))
     features = cache.features(dm, "train")
+    model.takes_features = True  # as finetune=frozen says while the head trains on them
     with torch.no_grad():
         assert torch.allclose(model(features.tensors[0][:8]), model(images), atol=1e-5)
     first = cache.path_for(dm, "train")
@@ -150,8 +162,10 @@ def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg,
 def test_frozen_training_uses_the_cache_when_the_transform_is_deterministic(make_cfg):
     cfg = make_cfg(TINY + ["finetune=frozen", "data.augment=false", "trainer.max_epochs=2"])
     dm, model, trainer = build(cfg)
+    loaded = LoaderData()
+    trainer.callbacks.append(loaded)
     trainer.fit(model, datamodule=dm)
-    assert isinstance(dm.datasets["train"], torch.utils.data.TensorDataset)
+    assert isinstance(loaded.train, torch.utils.data.TensorDataset)
     cached = sorted(p.name.split("-")[0] for p in (Path(cfg.paths.data_dir) / "feature_cache").glob("*.pt"))
     assert cached == ["train", "val"]
     # Test still runs the whole network on images.
@@ -175,9 +189,11 @@ def test_feature_cache_sees_batches_resized_on_the_device(make_cfg, tmp_path):
     folder = native.dataset
     per_image = Subset(ImageFolder(folder.root, eval_transform(dm.preprocessing), loader=folder.loader),
                        native.indices)
+    loaded = LoaderData()
+    trainer.callbacks.append(loaded)
     trainer.fit(model, datamodule=dm)
 
-    cached = dm.datasets["train"].tensors[0]
+    cached = loaded.train.tensors[0]
     images = torch.stack([image for image, _ in per_image])
     assert images.shape[-2:] == (48, 48)
     model.eval()

@@ -43,9 +43,10 @@ def test_lp_ft_trains_the_head_on_features_then_everything_at_the_lower_rate(mak
     assert changed(start_head, snapshot(model.head))
     # Stage 2: the backbone trains, every group at 0.1 x its stage-1 rate.
     assert len(changed(spy.backbone[1], spy.backbone[2])) > 10
-    assert spy.groups[0] == [("head", 0.01), ("head.no_decay", 0.01)]
-    assert spy.groups[2] == [("head", pytest.approx(0.001)), ("head.no_decay", pytest.approx(0.001)),
-                             ("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001))]
+    assert spy.groups[0] == [("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001)),
+                             ("head", 0.01), ("head.no_decay", 0.01)]
+    assert spy.groups[2] == [("backbone", pytest.approx(0.001)), ("backbone.no_decay", pytest.approx(0.001)),
+                             ("head", pytest.approx(0.001)), ("head.no_decay", pytest.approx(0.001))]
 
 
 def halve(epoch: int) -> float:

@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
 from finetune.callbacks.param_counts import ParameterCounts
+from finetune.callbacks.time_budget import TimeBudget
 from finetune.config_checks import check_input_size, check_numbers
 from finetune.config_source import CONFIG_PATH
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
@@ -60,6 +61,8 @@ def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModul
                 "switching finetune=...); remove them with ~finetune.callback.KEY or keep the experiment's strategy")
         callbacks.append(hydra.utils.instantiate(cfg.finetune.callback))
     callbacks.append(ParameterCounts())  # after the strategy's callback: it counts what that one froze
+    if cfg.get("budget_minutes") is not None:
+        callbacks.append(TimeBudget(cfg.budget_minutes))
     loggers = instantiate_all(cfg.get("logger"))
     plugins, slurm_callbacks = slurm_requeue(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + slurm_callbacks,

@@ -318,12 +318,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.batch_mix is None or trainer is None or not trainer.training or not torch.is_grad_enabled():
             return batch
         images, targets = batch
-        if images.dim() != 4 and self.stand_in is not None and self.stand_in("train") is not None:
-            return batch  # LP-FT's first stage: the head trains on cached features; mixing starts after
-        if images.dim() != 4:
-            raise FinetuneError(
-                "data.mixup_alpha/data.cutmix_alpha mix images, but this run trains on cached backbone features; "
-                "set finetune.callback.feature_cache=auto (it stays off with mixing) or the alphas to 0")
+        if images.dim() != 4:  # LP-FT's first stage trains the head on cached features: mixing starts after
+            return batch
         return self.batch_mix(images, targets)
 
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:

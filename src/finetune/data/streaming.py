@@ -307,7 +307,7 @@ class StreamingDataModule(ImageDataModule):
         return StreamingSplit(self.input_dir, split, int(size), transform, self.cache_dir, digest)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
+        dataset = self.dataset(split)  # a strategy's stand-in (LP-FT's cached features) included
         if split != "train" or not isinstance(dataset, StreamingSplit):  # eval, or cached features
             return super()._loader(split, shuffle)
         return self._streaming_train_loader(dataset)

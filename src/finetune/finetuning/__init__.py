@@ -2,6 +2,7 @@
 
 from finetune.finetuning.feature_cache import FeatureCache
 from finetune.finetuning.param_groups import param_groups
-from finetune.finetuning.strategies import Frozen, Gradual, LinearProbeThenFinetune
+from finetune.finetuning.schedule import WarmupCosine
+from finetune.finetuning.strategies import Frozen, Full, Gradual, LinearProbeThenFinetune
 
-__all__ = ["FeatureCache", "Frozen", "Gradual", "LinearProbeThenFinetune", "param_groups"]
+__all__ = ["FeatureCache", "Frozen", "Full", "Gradual", "LinearProbeThenFinetune", "WarmupCosine", "param_groups"]

@@ -153,9 +153,10 @@ def backbone_groups(
     layer_decay: float | None = None,
     decay_norm_and_bias: bool = False,
     trainable_only: bool = True,
+    lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """The backbone's groups: "backbone" at lr_mult 1, or with `layer_decay` one per layer
-    ("backbone.stem", "backbone.layer1.0", ...) at `layer_decay ** (n_layers - i)`."""
+    """The backbone's groups: "backbone" at `lr_mult`, or with `layer_decay` one per layer
+    ("backbone.stem", "backbone.layer1.0", ...) at `lr_mult * layer_decay ** (n_layers - i)`."""
     params = {n: p for n, p in backbone.named_parameters() if p.requires_grad or not trainable_only}
     no_decay = None if decay_norm_and_bias else no_weight_decay_names(backbone)
     if layer_decay is None:
@@ -164,7 +165,7 @@ def backbone_groups(
         layers = backbone_layers(backbone)
     groups = []
     for i, (layer, names) in enumerate(layers):
-        mult = 1.0 if layer_decay is None else layer_decay ** (len(layers) - i)
+        mult = lr_mult * (1.0 if layer_decay is None else layer_decay ** (len(layers) - i))
         named = [(n, params[n]) for n in names if n in params]
         groups += _split(f"backbone.{layer}" if layer else "backbone", named, mult, no_decay)
     return [g for g in groups if g["params"]]
@@ -177,17 +178,20 @@ def param_groups(
     layer_decay: float | None = None,
     decay_norm_and_bias: bool = False,
     trainable_only: bool = True,
+    backbone_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Groups for the optimizer; frozen parameters are left out unless `trainable_only=False`."""
-    groups = backbone_groups(backbone, layer_decay, decay_norm_and_bias, trainable_only)
+    """Groups for the optimizer; frozen parameters are left out unless `trainable_only=False`
+    (the model keeps every parameter in its group and a strategy switches what trains)."""
+    groups = backbone_groups(backbone, layer_decay, decay_norm_and_bias, trainable_only, backbone_lr_mult)
     named = [(n, p) for n, p in head.named_parameters() if p.requires_grad or not trainable_only]
     no_decay = None if decay_norm_and_bias else no_weight_decay_names(head)
     groups += [g for g in _split("head", named, head_lr_mult, no_decay) if g["params"]]
     return groups
 
 
-def check_partition(groups: list[dict[str, Any]], model: nn.Module) -> None:
-    """Every trainable parameter of `model` in exactly one group, and nothing else in any group.
+def check_partition(groups: list[dict[str, Any]], model: nn.Module, trainable_only: bool = False) -> None:
+    """Every parameter of `model` (with `trainable_only`, every trainable one) in exactly one
+    group, and nothing else in any group.
 
     A parameter in no group silently never trains; one in two groups trains twice as fast. Either
     is a bug in the grouping, so this raises RuntimeError naming the parameters.
@@ -199,16 +203,17 @@ def check_partition(groups: list[dict[str, Any]], model: nn.Module) -> None:
         for p in group["params"]:
             if id(p) in seen:
                 twice.append(f"{names.get(id(p), '?')} ({seen[id(p)]}, {group.get('name')})")
-            elif id(p) not in names or not p.requires_grad:
+            elif id(p) not in names or (trainable_only and not p.requires_grad):
                 foreign.append(f"{names.get(id(p), 'unknown')} ({group.get('name')})")
             seen.setdefault(id(p), str(group.get("name")))
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    missing = [n for n, p in model.named_parameters()
+               if (p.requires_grad or not trainable_only) and id(p) not in seen]
     counts = Counter(str(g.get("name")) for g in groups)
     duplicate_names = sorted(name for name, count in counts.items() if count > 1)
     problems = [
         f"{label}: {', '.join(map(str, items[:10]))}{' ...' if len(items) > 10 else ''}"
         for label, items in (("in no group", missing), ("in two groups", twice),
-                             ("frozen or not in the model", foreign),
+                             ("frozen or not in the model" if trainable_only else "not in the model", foreign),
                              ("group names used twice", duplicate_names))
         if items
     ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -92,6 +94,14 @@ class ImageClassifier(L.LightningModule):
         # Test-time augmentation for test and predict (eval.py/predict.py tta=hflip): a choice of
         # the evaluation, not of the model, so not a hyperparameter.
         self.tta: str | None = None
+        # Set by the fine-tuning strategy (finetune.finetuning.strategies) before fit: the rate of
+        # the backbone's groups relative to `finetune=full`'s, whether 2-D cached features may
+        # reach the head, and what of the backbone trains (`set_backbone_training`).
+        self.backbone_lr_mult = 1.0
+        self.finetune_starts_at_epoch = 0
+        self.takes_features = False
+        self._trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        self._backbone_trains, self._train_bn, self._bn_frozen = True, False, False
 
     # --- model ------------------------------------------------------------------------------
     def set_preprocessing(self, p: Preprocessing) -> None:
@@ -143,8 +153,13 @@ class ImageClassifier(L.LightningModule):
         self.hparams["compile"] = bool(compile)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of images, or for a batch of backbone features (2-D, from the cache)."""
+        """Logits for a batch of images, or for a batch of backbone features (2-D, from the cache)
+        while a strategy trains the head on them (`takes_features`): features computed by the frozen
+        backbone must never reach a head whose backbone trains, or validate it."""
         if images.dim() == 2:
+            if not self.takes_features:
+                raise RuntimeError("a batch of cached backbone features reached the head while the backbone "
+                                   "is not frozen on them: the loaders did not follow the fine-tuning stage")
             return self.head(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -165,14 +180,35 @@ class ImageClassifier(L.LightningModule):
             logits = (logits + self(images.flip(-1))) / 2
         return logits
 
-    def train(self, mode: bool = True) -> ImageClassifier:
-        """BatchNorm layers whose parameters are frozen also keep their running statistics."""
-        super().train(mode)
-        if mode:
+    def set_backbone_training(self, trains: bool, train_bn: bool = False, bn_frozen: bool = False) -> None:
+        """What of the backbone trains; every parameter stays in its optimizer group either way
+        (one without a gradient is skipped by the optimizer).
+
+        trains=False: the backbone is frozen, and in inference mode whole (BatchNorm statistics,
+        dropout, stochastic depth), so its features are deterministic; `train_bn` lets BatchNorm
+        layers train meanwhile. trains=True with `bn_frozen`: BatchNorm layers stay in inference
+        mode (pretrained running statistics) while their affine weights train.
+        """
+        for p in self._trainable:
+            p.requires_grad_(trains)
+        if train_bn and not trains:
             for module in self.backbone.modules():
-                params = list(module.parameters(recurse=False))
-                if isinstance(module, _BatchNorm) and params and not any(p.requires_grad for p in params):
-                    module.eval()
+                if isinstance(module, _BatchNorm):
+                    module.requires_grad_(True)
+        self._backbone_trains, self._train_bn, self._bn_frozen = trains, train_bn, bn_frozen
+        self.train(self.training)  # Lightning never calls train() during fit: apply the modes now
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """The modes `set_backbone_training` asks for (Lightning captures every submodule's mode
+        before validation and restores it after)."""
+        super().train(mode)
+        if mode and not self._backbone_trains:
+            self.backbone.eval()
+        batch_norm_trains = self._train_bn if not self._backbone_trains else not self._bn_frozen
+        if mode and (batch_norm_trains is False or not self._backbone_trains):
+            for module in self.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.train(batch_norm_trains)
         return self
 
     # --- steps --------------------------------------------------------------------------------
@@ -256,25 +292,40 @@ class ImageClassifier(L.LightningModule):
 
     # --- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """The optimizer over `param_groups` (per-block rates with `layer_decay`; no weight decay on
-        biases, norm weights and embeddings unless `decay_norm_and_bias`), each group at
-        `lr_mult` times the configured rate. Raises RuntimeError if the groups miss or repeat a
-        trainable parameter: such a parameter would silently never train, or train twice."""
+        """The optimizer over `param_groups` of every parameter, frozen or not (per-block rates with
+        `layer_decay`; no weight decay on biases, norm weights and embeddings unless
+        `decay_norm_and_bias`), each group at `lr_mult` times the configured rate; the backbone's
+        at `backbone_lr_mult` times that. Raises RuntimeError if the groups miss or repeat a
+        parameter: such a parameter would silently never train, or train twice."""
         optimizer_factory = self.hparams.optimizer or partial(torch.optim.Adam, lr=1e-3)
         groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay,
-                              decay_norm_and_bias=self.hparams.decay_norm_and_bias)
+                              decay_norm_and_bias=self.hparams.decay_norm_and_bias, trainable_only=False,
+                              backbone_lr_mult=self.backbone_lr_mult)
         check_partition(groups, self)
         optimizer = optimizer_factory(params=groups)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group["lr_mult"]
         if self.hparams.scheduler is None:
             return optimizer
-        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        scheduler_factory = self.hparams.scheduler
+        interval = self.hparams.scheduler_interval
+        if "total_steps" in inspect.signature(scheduler_factory).parameters:  # a schedule in steps (WarmupCosine)
+            scheduler_factory = partial(scheduler_factory, **self.schedule_steps())
+            interval = "step"
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
+                "scheduler": scheduler_factory(optimizer=optimizer),
+                "interval": interval,
                 "monitor": "val/loss",
             },
         }
+
+    def schedule_steps(self) -> dict[str, int]:
+        """`total_steps` (optimizer steps of the whole fit) and `start_step` (the first step in
+        which the backbone trains, as the strategy set `finetune_starts_at_epoch`), for schedules
+        that fit the steps actually run."""
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # builds the train loader: its length is known
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        return {"total_steps": total, "start_step": min(total, self.finetune_starts_at_epoch * per_epoch)}
