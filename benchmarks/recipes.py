@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def eval_last(run_dir: Path, data: list[str], common_eval: list[str]) -> float:
     """Test accuracy of the run's last epoch (`last.ckpt`), on the same test split."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        cfg = compose(config_name="eval", overrides=[f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "data=folder",
                                                      *data, *common_eval], return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = cfg.paths.log_dir = str(run_dir / "eval_last")
@@ -140,7 +141,7 @@ def main() -> None:
         for name, recipe in RECIPES.items():
             if args.only and name not in args.only:
                 continue
-            out = work / f"{scale}-{name.replace(' ', '_').replace('/', '-').replace(',', '')}"
+            out = work / f"{scale}-{re.sub('[^A-Za-z0-9]+', '_', name)}"
             m = run(recipe, common, data, values, out, common_eval)
             rows[name] = m
             print(f"[{scale}] {name}: val {m['val/acc_best']:.4f}, test {m['test/acc']:.4f} (last epoch "
