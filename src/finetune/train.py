@@ -102,6 +102,19 @@ def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
                 entry.purge_step = step
 
 
+def keep_tuned_lr(model: L.LightningModule, ckpt_path: str | Path) -> None:
+    """`tune_lr=true` on resume: the optimizer restored from the checkpoint keeps the rate the run
+    found, so no new search runs (it could only claim to apply its suggestion); the model's
+    optimizer config takes the checkpoint's rate, so later checkpoints say what trains."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    lr = getattr(saved.get("optimizer"), "keywords", {}).get("lr")
+    factory = model.hparams.get("optimizer")
+    if lr is not None and hasattr(factory, "keywords"):
+        factory.keywords["lr"] = lr
+    log.info("tune_lr=true: the learning-rate finder is not run on resume; the optimizer restored from %s "
+             "keeps its learning rate (%s)", ckpt_path, lr)
+
+
 def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, float]:
     """Fit and test as `cfg` says, continuing from `ckpt_path` (or `cfg.ckpt_path`) when given;
     returns the final metrics (the sweeper's objective among them)."""
@@ -112,7 +125,9 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     if ckpt_path:
         continue_tensorboard_at(cfg, ckpt_path)
     datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
-    if cfg.get("tune_lr"):
+    if cfg.get("tune_lr") and ckpt_path:
+        keep_tuned_lr(model, ckpt_path)
+    elif cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
     # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
