@@ -51,7 +51,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=dataset.collate)
     log.info("predicting %d files with %s | preprocessing: %s | temperature: %.4g (probabilities are "
-             "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.temperature, model.tta)
+             "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.applied_temperature, model.tta)
 
     writer = PredictionWriter(output, top_k=cfg.top_k)
     resolve_speed_settings(cfg)
