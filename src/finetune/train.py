@@ -35,6 +35,8 @@ from finetune.runtime import (
 )
 
 log = logging.getLogger("finetune")
+# metrics.json: the values of the fit's last epoch, kept apart from the tested checkpoint's val/* and test/*.
+LAST_EPOCH = "last_epoch/"
 
 
 def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -133,14 +135,15 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics[FIT_TIME] = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
+    fit_time = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
     for lg in trainer.loggers:
-        lg.log_metrics({FIT_TIME: metrics[FIT_TIME]}, step=trainer.global_step)
+        lg.log_metrics({FIT_TIME: fit_time}, step=trainer.global_step)
         lg.save()  # the CSV logger writes on save, and its last save was at the end of fit
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = final_metrics({k: float(v) for k, v in trainer.callback_metrics.items()}, best)
+    metrics[FIT_TIME] = fit_time
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
         model.set_tta(cfg.get("tta"))
@@ -149,9 +152,32 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if best:
             log.info("best checkpoint: %s", best)
     if trainer.is_global_zero:
-        print_metrics("final metrics", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+        tested = f"best checkpoint {Path(best).name}" if best else "final weights"
+        print_metrics(f"{tested}: validation and test", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+        print_metrics("last epoch (not tested)", {k[len(LAST_EPOCH):]: v for k, v in metrics.items() if k.startswith(LAST_EPOCH)})
         # The sweep summary (finetune.sweep_summary) reads this.
         Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
+    """What metrics.json holds, every value labelled with the weights it belongs to: `val/*` of the
+    best checkpoint (saved with it, temperature included), which is the one tested (`test/*`);
+    what the fit ended with under `last_epoch/` (train/* and the last validation); `val/acc_best`
+    is the whole run's best. Without a best checkpoint the final weights are tested, so `val/*`
+    are the last validation's."""
+    metrics = {f"{LAST_EPOCH}{k}": v for k, v in fit_metrics.items() if k != "val/acc_best"}
+    if "val/acc_best" in fit_metrics:
+        metrics["val/acc_best"] = fit_metrics["val/acc_best"]
+    if not best:
+        metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val/")})
+        return metrics
+    saved = torch.load(best, map_location="cpu", weights_only=False, mmap=True).get("val_metrics")
+    if saved is None:
+        log.warning("%s predates saved validation metrics: metrics.json has the last epoch's (last_epoch/val/*) "
+                    "but no val/* for the tested checkpoint", best)
+        return metrics
+    metrics.update({k: float(v) for k, v in saved.items() if k != "val/acc_best"})
     return metrics
 
 

@@ -256,9 +256,15 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The best validation accuracy so far, so a resumed run's `val/acc_best` is the whole
-        run's (the metric's state is not in the state dict, which older checkpoints lack)."""
+        run's (the metric's state is not in the state dict, which older checkpoints lack), and the
+        latest validation metrics."""
         if self.val_acc_best.update_count:
             checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+        # The validation these weights scored (and the temperature fitted for them): what the final
+        # metrics report beside the test of the best checkpoint (finetune.train.final_metrics).
+        if self._trainer is not None:
+            checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                         if k.startswith("val/")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "val_acc_best" in checkpoint:
