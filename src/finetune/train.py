@@ -127,6 +127,8 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     if ckpt_path:
         continue_tensorboard_at(cfg, ckpt_path)
     datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
+    if ckpt_path and hasattr(datamodule, "resume_split_from"):
+        datamodule.resume_split_from(ckpt_path)  # validate on the images the run validated on
     if cfg.get("tune_lr") and ckpt_path:
         keep_tuned_lr(model, ckpt_path)
     elif cfg.get("tune_lr"):

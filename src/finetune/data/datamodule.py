@@ -13,9 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from finetune.data import val_split
 from finetune.data.file_checks import SkipReport, collate_readable
 from finetune.data.resumable_loader import resumable_train_loader
 from finetune.data.transforms import (
@@ -109,6 +111,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         max_bad_fraction: float = 0.01,
         skipped_csv: str | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -137,6 +140,12 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.max_bad_fraction = max_bad_fraction
         self.skip_report = SkipReport(skipped_csv)
+        # The validation images taken off train (finetune.data.val_split): in every checkpoint
+        # (state_dict) and, for people, in `split_file`; a resumed fit reuses its checkpoint's.
+        self.split_file = split_file
+        self.val_split: dict[str, Any] | None = None
+        self._stored_split: dict[str, Any] | None = None
+        self._resumed_from: str | None = None
         self.preprocessing = Preprocessing().override(**self.overrides)
         self.datasets: dict[str, Dataset] = {}
         # A callback's stand-in for a split's images, asked each time a loader is built (so after
@@ -246,11 +255,43 @@ class ImageDataModule(L.LightningDataModule):
                 )
 
     def _split_off_val(self, train: Dataset, train_eval: Dataset) -> tuple[Dataset, Dataset]:
-        """A seeded fraction of train, seen through the eval transform, becomes val."""
-        n = len(train)
-        n_val = max(1, round(n * self.val_fraction))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return Subset(train, order[n_val:]), Subset(train_eval, order[:n_val])
+        """A seeded fraction of train, seen through the eval transform, becomes val; a resumed fit
+        takes the split stored in its checkpoint instead (`resume_split_from`, finetune.data.val_split)."""
+        stored = self._stored_split
+        if stored is None and self._resumed_from:
+            log.warning("%s holds no validation split (written before splits were stored): it is drawn again "
+                        "from data.seed; if train's files changed since, validation may hold images already "
+                        "trained on", self._resumed_from)
+        if stored is None:
+            train_idx, val_idx, self.val_split = val_split.draw(train, self.val_fraction, self.seed)
+        else:
+            train_idx, val_idx = val_split.reuse(train, stored, self.val_fraction, self.seed)
+            self.val_split = stored
+        trainer = self.trainer
+        if self.split_file and trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.is_global_zero:
+            val_split.write(self.split_file, self.val_split)
+        return Subset(train, train_idx), Subset(train_eval, val_idx)
+
+    def resume_split_from(self, ckpt_path: str | os.PathLike) -> None:
+        """Before a resumed fit sets up: validate on the split stored in `ckpt_path` (Lightning
+        restores the data module's state only after `setup`, too late for the loaders' data)."""
+        self._resumed_from = str(ckpt_path)
+        self._stored_split = val_split.stored_in_checkpoint(ckpt_path, type(self).__qualname__)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The validation split, so every checkpoint carries the one its run validated on."""
+        return {val_split.KEY: self.val_split} if self.val_split is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Before `setup`: the split to reuse. After it (Lightning restores a checkpoint once the
+        data is set up): the split in use must be that one (`setup` read it from the checkpoint)."""
+        stored = state_dict.get(val_split.KEY)
+        if stored is None:
+            return
+        if not self.datasets:
+            self._stored_split = stored
+        elif stored != self.val_split:
+            raise RuntimeError("the validation split in use is not the one stored in the checkpoint being restored")
 
     def loader_workers(self) -> int:
         """`num_workers`, except for tiny sources trained on the CPU, which load in the main process.
