@@ -24,10 +24,10 @@ from finetune.data.transforms import (
     BatchResize,
     Preprocessing,
     auto_augment_step,
-    eval_transform,
-    native_eval_transform,
+    eval_pipeline,
     native_train_transform,
     train_transform,
+    upsample_on_device,  # noqa: F401  (its former home; folder.py imports it from here)
 )
 from finetune.errors import FinetuneError
 
@@ -74,11 +74,6 @@ def _innermost(dataset: Dataset) -> Dataset:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
-
-
-def upsample_on_device(source_size: int | None, crop_size: int) -> bool:
-    """Tiny sources (at most half the crop size, e.g. CIFAR-10's 32 pixels fed at 224)."""
-    return source_size is not None and 2 * source_size <= crop_size
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -191,15 +186,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         p = self.preprocessing
-        train_tf, eval_tf = train_transform(p), eval_transform(p)
-        self.batch_transform = None
-        on_device = self.resize_on_device
-        if on_device is None:
-            on_device = upsample_on_device(self.source_size(), p.crop_size)
-        if on_device:
-            native = self.source_size() or p.crop_size
-            train_tf, eval_tf = native_train_transform(p, native), native_eval_transform(p, native)
-            self.batch_transform = BatchResize(p)
+        pipeline = eval_pipeline(p, self.source_size(), self.resize_on_device)  # shared with predict, export
+        eval_tf, self.batch_transform = pipeline.transform, pipeline.batch
+        train_tf = train_transform(p) if pipeline.native is None else native_train_transform(p, pipeline.native)
         self._eval_tf = eval_tf
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
