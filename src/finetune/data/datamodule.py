@@ -197,6 +197,7 @@ class ImageDataModule(L.LightningDataModule):
                 _innermost(val).replace = False  # evaluation drops a file that fails late
         self.datasets = {"train": train, "val": val, "test": self.make_split("test", eval_tf)}
         self._check_readable()
+        self._check_enough_for_each_rank()
         self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
     def train_eval_view(self) -> Dataset:
@@ -242,6 +243,21 @@ class ImageDataModule(L.LightningDataModule):
                     f"the {split} split has no readable image left ({len(skipped)} of {total} files "
                     f"unreadable, see {self.skip_report.path or 'the log'}); add images to it"
                 )
+
+    def _check_enough_for_each_rank(self) -> None:
+        """Under DDP every rank needs an image of each evaluated split: val and test images go to
+        exactly one rank each (`_eval_sampler`), and a rank left without a batch never joins the
+        gathers of the metrics and the calibration, so the others would wait for it forever."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        for split in ("val", "test"):
+            dataset = self.datasets.get(split)
+            if world > 1 and dataset is not None and len(dataset) < world:
+                raise FinetuneError(
+                    f"the {split} split has {len(dataset)} image{'s' if len(dataset) != 1 else ''} for {world} "
+                    f"processes: under DDP each process evaluates its own share and needs at least one; add "
+                    f"{split} images (data.val_fraction when val is taken off train) or run on fewer devices "
+                    f"(trainer.devices={max(1, len(dataset))})")
 
     def _split_off_val(self, train: Dataset, train_eval: Dataset) -> tuple[Dataset, Dataset]:
         """A seeded fraction of train, seen through the eval transform, becomes val; a resumed fit
