@@ -13,10 +13,9 @@ copied the weights to the host; `on_fit_start` moves it to where the module live
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
-
-import itertools
 
 import lightning as L
 import torch

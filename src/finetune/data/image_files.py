@@ -10,12 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
-
-import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.decode import decoder, load_rgb
 from finetune.data.transforms import BatchResize, Preprocessing, eval_pipeline
