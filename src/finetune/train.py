@@ -154,12 +154,17 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if best:
             log.info("best checkpoint: %s", best)
     if trainer.is_global_zero:
-        tested = f"best checkpoint {Path(best).name}" if best else "final weights"
-        print_metrics(f"{tested}: validation and test", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
-        print_metrics("last epoch (not tested)", {k[len(LAST_EPOCH):]: v for k, v in metrics.items() if k.startswith(LAST_EPOCH)})
-        # The sweep summary (finetune.sweep_summary) reads this.
-        Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=2))
+        report(metrics, best, Path(cfg.paths.output_dir))
     return metrics
+
+
+def report(metrics: dict[str, float], best: str, run_dir: Path) -> None:
+    """Two tables, one per set of weights (the tested checkpoint's validation and test; the last
+    epoch's), and metrics.json, which the sweep summary (finetune.sweep_summary) reads."""
+    tested = f"best checkpoint {Path(best).name}" if best else "final weights"
+    print_metrics(f"{tested}: validation and test", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+    print_metrics("last epoch (not tested)", {k[len(LAST_EPOCH):]: v for k, v in metrics.items() if k.startswith(LAST_EPOCH)})
+    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
 
 
 def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
