@@ -95,6 +95,10 @@ def export(cfg: DictConfig) -> dict:
             "mean": list(p.mean), "std": list(p.std), "draft_decode": p.draft_decode,
             "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
                      "scale to [0, 1], normalise",
+            "tiny_images": "an image whose longest side is at most crop_size / 2 (as eval and predict.py read "
+                           "it): resize the short side to its own longest side, center-crop the same fraction "
+                           "(crop_size / resize_size), upsample to crop_size (interpolation, antialiased), "
+                           "then scale and normalise",
         },
         "parity": {"passed": passed, "max_abs_diff": max_diff, "atol": cfg.atol, "rtol": cfg.rtol,
                    "batch_size": len(check), "against": f"PyTorch {torch.__version__}",
