@@ -96,7 +96,7 @@ def export(cfg: DictConfig) -> dict:
             "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
                      "scale to [0, 1], normalise",
             "tiny_images": "an image whose longest side is at most crop_size / 2 (as eval and predict.py read "
-                           "it): resize the short side to its own longest side, center-crop the same fraction "
+                           "it): resize the short side to the longest side sampled among the images, center-crop the same fraction "
                            "(crop_size / resize_size), upsample to crop_size (interpolation, antialiased), "
                            "then scale and normalise",
         },
