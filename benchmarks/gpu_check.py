@@ -7,6 +7,8 @@ Stages, each started only while the time budget (--budget, 480 s) lasts and cut 
   synthetic  ResNet-50 training images/s at 224 on in-memory batches (no input pipeline), for fp32,
              bf16-mixed, bf16-mixed + channels_last (and, last, + torch.compile)
   folder     the same from a JPEG ImageFolder tree generated into a temp dir (the product's loader)
+  ema        prints the device of the EMA average (callbacks.ema) at the first step: the module's,
+             never the CPU during GPU training
   quickstart `python train.py experiment=quickstart trainer=gpu` in a subprocess: test accuracy
              and wall time through the real entry point
   ddp        the quickstart with trainer=ddp over every GPU (two or more; trainer=ddp_cpu on CPU)
@@ -147,14 +149,7 @@ def train_rate(overrides: list[str], sizes: Sizes, synthetic: bool, seconds: flo
     """Training images/s over the timed steps (None: the time ran out before the first timed step).
     synthetic: in-memory batches; else the data module's own loader over the folder in `overrides`."""
     steps = sizes.warmup + sizes.timed
-    cfg = product_config([
-        "data=folder", f"model={sizes.model}", "model.weights=null", f"data.image_size={sizes.image}",
-        f"data.resize_size={sizes.resize}", f"data.batch_size={sizes.batch}", "trainer.min_epochs=0",
-        "trainer.max_epochs=1000", f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0",
-        "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false", "callbacks=none", "logger=[]", *overrides,
-    ], work)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer = build(fit_config(overrides, sizes, steps, work))
     for key in ("channels_last", "compile"):  # a setting dropped on the way would mislabel the figure
         asked = f"model.{key}=true" in overrides
         if bool(model.hparams.get(key)) != asked:
@@ -170,6 +165,37 @@ def train_rate(overrides: list[str], sizes: Sizes, synthetic: bool, seconds: flo
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return timer.rate if timer.start is not None and timer.end is not None else None
+
+
+def fit_config(overrides: list[str], sizes: Sizes, steps: int, work: Path):
+    """A bare training run of `steps` steps: no validation, checkpoints, callbacks or loggers."""
+    return product_config([
+        "data=folder", f"model={sizes.model}", "model.weights=null", f"data.image_size={sizes.image}",
+        f"data.resize_size={sizes.resize}", f"data.batch_size={sizes.batch}", "trainer.min_epochs=0",
+        "trainer.max_epochs=1000", f"+trainer.max_steps={steps}", "+trainer.limit_val_batches=0",
+        "+trainer.enable_checkpointing=false", "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false", "callbacks=none", "logger=[]", *overrides,
+    ], work)
+
+
+def ema_devices(overrides: list[str], sizes: Sizes, work: Path) -> tuple[set[str], str]:
+    """(the devices of the EMA average's tensors, the module's device) at the first training step.
+    Lightning copies the module for the average before the strategy moves it to the GPU; an average
+    left on the CPU would copy the weights to the host at every step."""
+    from finetune.callbacks.ema import EMA
+
+    datamodule, model, trainer = build(fit_config(overrides, sizes, 1, work))
+    ema, seen = EMA(decay=0.9), {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            average = ema._average_model
+            seen["average"] = {str(t.device) for t in [*average.parameters(), *average.buffers()]}
+            seen["module"] = str(pl_module.device)
+
+    trainer.callbacks.extend([ema, Record()])
+    trainer.fit(model, train_dataloaders=synthetic_batches(1, sizes, datamodule.num_classes))
+    return seen["average"], seen["module"]
 
 
 def synthetic_batches(steps: int, sizes: Sizes, classes: int) -> DataLoader:
@@ -310,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         report.add(f"{name}_test_acc", acc, "%")
         report.add(f"{name}_wall", wall, "s")
 
+    def check_ema(seconds: float) -> None:
+        average, module = ema_devices([f"trainer={'gpu' if gpus else 'cpu'}", f"data.root={root}"], sizes, work / "ema")
+        print(f"  ema_average_device: {', '.join(sorted(average))} (module: {module})", flush=True)
+        if average != {module}:
+            raise RuntimeError(f"the EMA average is on {sorted(average)}, the module on {module}")
+
+    stage(report, budget, "ema", args.stage_cap, 10 if not args.tiny else 1, check_ema)
     stage(report, budget, "quickstart", args.stage_cap, 30, lambda s: run_quickstart(s, "quickstart", "gpu" if gpus else "cpu"))
     if gpus == 1:
         report.skip("ddp", "one GPU visible; DDP needs two or more")

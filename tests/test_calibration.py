@@ -20,6 +20,7 @@ from finetune.callbacks.calibration import (
     fit_temperature,
 )
 from finetune.data.image_files import find_files, model_inputs
+from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import run_exported
@@ -52,7 +53,9 @@ def test_the_fitted_temperature_undoes_deliberate_overconfidence_without_changin
 def run(shapes_folder, tmp_path_factory) -> tuple[Path, dict[str, float]]:
     """A real two-epoch run on the shapes folder with the default callbacks (calibrate=true)."""
     out = tmp_path_factory.mktemp("calibrated_run")
-    metrics = train(compose_train(["data=folder", f"data.root={shapes_folder}", *RUN], out_dir=out))
+    # Also a temperature for tta=hflip (fitted on hflip-averaged validation logits); train's own test stays plain.
+    metrics = train(compose_train(["data=folder", f"data.root={shapes_folder}", *RUN, "callbacks.calibration.tta=hflip"],
+                                  out_dir=out))
     return out, metrics
 
 
@@ -175,7 +178,7 @@ def test_predict_tta_hflip_averages_the_logits_of_both_views(run, tmp_path, shap
     images = torch.stack(images)
     with torch.no_grad():
         plain, mirrored = model(images), model(images.flip(-1))
-    expected = ((plain + mirrored) / 2 / model.temperature).softmax(-1)
+    expected = ((plain + mirrored) / 2 / model.hparams["tta_temperatures"]["hflip"]).softmax(-1)
     got = torch.stack([torch.tensor([float(rows[str(p)][f"prob_{c}"]) for c in model.class_names]) for p in paths])
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, (plain / model.temperature).softmax(-1), atol=1e-3)  # TTA mattered
@@ -202,3 +205,33 @@ def test_eval_tta_hflip_tests_on_both_views(run, tmp_path, shapes_folder):
     assert plain["test/loss"] != pytest.approx(both["test/loss"], abs=1e-4)
     with pytest.raises(Exception, match="tta=vflip"):
         model.set_tta("vflip")
+
+
+def test_the_tta_temperature_is_fitted_on_tta_averaged_validation_logits(run, shapes_folder):
+    """tta=hflip averages the logits of each image and its mirror image: a temperature fitted on
+    plain logits does not calibrate those. The checkpoint carries one fitted on the averaged
+    validation logits, and test/predict with tta=hflip use it."""
+    model = load_classifier(best_of(run[0]))
+    plain_t, tta_t = model.temperature, model.hparams["tta_temperatures"]["hflip"]
+    datamodule, _, _ = build(compose_train(["data=folder", f"data.root={shapes_folder}", *RUN], run[0] / "tta"))
+    datamodule.setup("validate")
+    images, targets = map(torch.cat, zip(*datamodule.val_dataloader()))
+    with torch.no_grad():
+        plain, mirrored = model(images), model(images.flip(-1))
+    assert plain_t == pytest.approx(fit_temperature(plain, targets), rel=1e-3)
+    assert tta_t == pytest.approx(fit_temperature((plain + mirrored) / 2, targets), rel=1e-3)
+    assert tta_t != pytest.approx(plain_t, rel=1e-3)
+    model.set_tta("hflip")
+    assert model.applied_temperature == tta_t
+    model.set_tta(None)
+    assert model.applied_temperature == plain_t
+
+
+def test_tta_on_a_checkpoint_calibrated_only_for_plain_logits_is_one_line(run):
+    model = load_classifier(best_of(run[0]))
+    model.on_load_checkpoint({"hyper_parameters": {"temperature": 2.0}})  # as written before the fix
+    with pytest.raises(FinetuneError, match="tta=hflip.*plain"):
+        model.set_tta("hflip")
+    model.on_load_checkpoint({"hyper_parameters": {}})  # calibrate=false: T = 1 means nothing to fit
+    model.set_tta("hflip")
+    assert model.applied_temperature == 1.0

@@ -133,7 +133,7 @@ def test_every_experiment_runs_with_fast_dev_run(make_cfg, experiment, shapes_fo
 
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] >= 0
-    assert metrics["train/loss_epoch"] > 0
+    assert metrics["last_epoch/train/loss_epoch"] > 0
     assert metrics["test/images"] == cfg.data.batch_size  # fast_dev_run: exactly one test batch
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
     # The head is sized to the data, and the classes are the data's, in the data's order.

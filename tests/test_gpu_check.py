@@ -43,7 +43,7 @@ def test_an_exhausted_budget_skips_every_stage_with_a_line():
     result = run_cli(SCRIPT, "--device", "cpu", "--tiny", "--budget", "0", env=NO_GPU, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     skipped = re.findall(r"^skipped: (\w+) \((.+)\)$", result.stdout, re.MULTILINE)
-    assert sorted(name for name, _ in skipped) == sorted([*THROUGHPUT, *COMPILED, "quickstart", "ddp", "frozen_cache"])
+    assert sorted(name for name, _ in skipped) == sorted([*THROUGHPUT, *COMPILED, "ema", "quickstart", "ddp", "frozen_cache"])
     assert all("time budget" in why or "torch.compile" in why for _, why in skipped)
     assert summary(result.stdout) == {}
 

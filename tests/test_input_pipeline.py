@@ -126,6 +126,6 @@ def test_training_through_each_pipeline(make_cfg, shapes_folder, tmp_path, overr
         *overrides,
     ])
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["train/loss_epoch"])
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["last_epoch/train/loss_epoch"])
     cached = list((tmp_path / "data" / "cache").glob(f"{shapes_folder.name}-*-16px-*"))
     assert bool(cached) == ("data.cache=true" in overrides)

@@ -134,8 +134,8 @@ def test_a_run_on_a_messy_folder_skips_names_and_trains_on_the_rest(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # It trained on the rest: the 96 readable train images less the seeded 10% for val (10), in
     # full batches of 16 (80 an epoch); every readable test image, not the 2 unreadable ones.
-    assert (metrics["train/images"], metrics["val/images"], metrics["test/images"]) == (80, 10, 32)
-    assert all(np.isfinite(metrics[k]) for k in ("train/loss_epoch", "val/loss", "test/loss"))
+    assert (metrics["last_epoch/train/images"], metrics["val/images"], metrics["test/images"]) == (80, 10, 32)
+    assert all(np.isfinite(metrics[k]) for k in ("last_epoch/train/loss_epoch", "val/loss", "test/loss"))
     assert folder_listing(root) == before  # nothing in the user's folder changed
 
 

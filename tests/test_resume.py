@@ -131,3 +131,34 @@ def test_with_loader_workers_a_killed_run_resumes_to_the_same_metrics(tmp_path):
     step = _kill_after_first_checkpoint(run_dir, *workers)
     assert step % STEPS_PER_EPOCH != 0, f"last.ckpt at step {step} is not mid-epoch"
     _assert_same_run(_resume(run_dir, *workers), alone)
+
+
+def _trained_lrs(ckpt_path: Path) -> tuple[float, list[float]]:
+    """(the checkpoint's configured lr, each param group's lr / lr_mult as the optimizer trained)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    return ckpt["hyper_parameters"]["optimizer"].keywords["lr"], [g["lr"] / g.get("lr_mult", 1.0) for g in groups]
+
+
+@pytest.mark.slow  # two training runs and a search
+def test_tune_lr_is_not_rerun_on_resume_and_says_so(make_cfg, tmp_path, capsys, caplog):
+    """The resumed optimizer keeps the rate it was restored with; a second search would only claim
+    to apply its suggestion (and write it into the checkpoints' hparams) while training at the old one."""
+    from finetune.train import train
+
+    fast = [o for o in TINY if not o.startswith(("trainer.max_epochs", "callbacks.last_checkpoint"))]
+    common = [*fast, "test=false", "tune_lr=true", "lr_finder.num_training=20",
+              "data.train_size=32"]
+    train(make_cfg([*common, "trainer.max_epochs=1"]))
+    assert "lr finder: suggested learning rate" in capsys.readouterr().out
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    tuned, trained = _trained_lrs(last)
+    assert trained == pytest.approx([tuned] * len(trained))
+
+    caplog.set_level("INFO", logger="finetune")
+    resumed = tmp_path / "resumed.ckpt"
+    last.rename(resumed)
+    train(make_cfg([*common, "trainer.max_epochs=2"]), ckpt_path=resumed)
+    assert "lr finder" not in capsys.readouterr().out
+    assert "tune_lr=true: the learning-rate finder is not run on resume" in caplog.text
+    assert _trained_lrs(last) == (tuned, pytest.approx([tuned] * len(trained)))

@@ -167,3 +167,33 @@ def test_the_launcher_and_search_configs_compose(make_cfg):
     assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 4)
     assert make_cfg(["hydra/launcher=parallel"]).hydra.launcher.n_jobs == 2
     assert make_cfg(["trainer=ddp_cpu"]).trainer.strategy == "ddp"
+
+
+@pytest.mark.slow  # DDP
+def test_ddp_with_fewer_validation_images_than_processes_is_refused_before_training(tmp_path):
+    """With 1 validation image on 2 ranks, rank 1 has no validation batch: the calibration's and
+    the metrics' gathers would wait for it forever. One line before training instead, and a hang
+    fails the test (the whole process group is killed at the timeout) rather than hanging it."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY, "data.val_size=1",
+               "callbacks.rich_progress_bar=null", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
+    with subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as process:
+        try:
+            _, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            pytest.fail("train.py with a 1-image validation split under DDP hung (killed after 240 s)")
+    assert process.returncode == 2, stderr[-3000:]
+    errors = {line for line in stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1, stderr[-3000:]  # the same line from each rank
+    assert "the val split has 1 image for 2 processes" in errors.pop()
+    assert "Traceback" not in stderr
+    assert not (run_dir / "checkpoints").exists()  # refused before training

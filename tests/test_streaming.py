@@ -286,5 +286,5 @@ def test_a_run_killed_mid_epoch_resumes_from_streaming_data_to_the_same_metrics(
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # LitData's loader state
 
     resumed = _finished(_resume_run(run_dir, tmp_path / "set", f"ckpt_path={last}", "resume=never"), run_dir)
-    for key in ("test/acc", "test/loss", "val/loss", "val/acc", "train/loss_epoch"):
+    for key in ("test/acc", "test/loss", "val/loss", "val/acc", "last_epoch/train/loss_epoch"):
         assert resumed[key] == alone[key], (key, resumed, alone)

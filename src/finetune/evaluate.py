@@ -78,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
     log.info("checkpoint: %s | classes: %s | preprocessing: %s | temperature: %.4g | tta: %s", cfg.ckpt_path,
-             model.class_names, model.preprocessing, model.temperature, model.tta)
+             model.class_names, model.preprocessing, model.applied_temperature, model.tta)
 
     resolve_speed_settings(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
@@ -97,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                       markup=False, highlight=False)
         if "test/ece" in metrics:
             console.print(f"calibration: test ECE {metrics['test/ece']:.4f} from the network, "
-                          f"{metrics['test/ece_calibrated']:.4f} with its temperature {model.temperature:.4g}")
+                          f"{metrics['test/ece_calibrated']:.4f} with its temperature {model.applied_temperature:.4g}")
         console.print(per_class_table(views))
         console.print(confusion_table(views.matrix, views.class_names))
         if views.save_dir is not None:

@@ -31,7 +31,8 @@ log = logging.getLogger("finetune")
 
 def check_batch(cfg: DictConfig, p: Preprocessing, generator: torch.Generator) -> torch.Tensor:
     """The parity check's inputs: the first `check_batch_size` readable images of `check_input`
-    through the model's own decoder and eval transform, or random tensors without `check_input`."""
+    through the model's own decoder and evaluation path (tiny images: native crop, then the
+    per-batch upsampling), or random tensors without `check_input`."""
     size = cfg.check_batch_size
     if not cfg.get("check_input"):
         return torch.randn(size, 3, p.crop_size, p.crop_size, generator=generator)
@@ -46,7 +47,8 @@ def check_batch(cfg: DictConfig, p: Preprocessing, generator: torch.Generator) -
     if not images:
         raise FinetuneError(f"check_input={cfg.check_input} holds no readable images; "
                             "pass check_input=FILE_OR_DIR with images, or check_input=null")
-    return torch.stack(images)
+    batch = torch.stack(images)
+    return dataset.batch_transform(batch) if dataset.batch_transform is not None else batch
 
 
 def export(cfg: DictConfig) -> dict:
@@ -93,6 +95,10 @@ def export(cfg: DictConfig) -> dict:
             "mean": list(p.mean), "std": list(p.std), "draft_decode": p.draft_decode,
             "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
                      "scale to [0, 1], normalise",
+            "tiny_images": "an image whose longest side is at most crop_size / 2 (as eval and predict.py read "
+                           "it): resize the short side to the longest side sampled among the images, center-crop the same fraction "
+                           "(crop_size / resize_size), upsample to crop_size (interpolation, antialiased), "
+                           "then scale and normalise",
         },
         "parity": {"passed": passed, "max_abs_diff": max_diff, "atol": cfg.atol, "rtol": cfg.rtol,
                    "batch_size": len(check), "against": f"PyTorch {torch.__version__}",

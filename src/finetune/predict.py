@@ -16,11 +16,10 @@ import lightning as L
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader
 
 from finetune.callbacks import PredictionWriter
 from finetune.config_source import CONFIG_PATH
-from finetune.data.image_files import find_files, model_inputs
+from finetune.data.image_files import ImageFilesData, find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
@@ -47,16 +46,15 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     model.set_tta(cfg.get("tta"))
     files = find_files(cfg.input)
     p = model.preprocessing
-    dataset = model_inputs(files, p)  # decoded as the run was evaluated (p.draft_decode)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        collate_fn=dataset.collate)
+    dataset = model_inputs(files, p)  # decoded and transformed as eval reads them (tiny images included)
+    inputs = ImageFilesData(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     log.info("predicting %d files with %s | preprocessing: %s | temperature: %.4g (probabilities are "
-             "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.temperature, model.tta)
+             "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.applied_temperature, model.tta)
 
     writer = PredictionWriter(output, top_k=cfg.top_k)
     resolve_speed_settings(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=False)
-    trainer.predict(model, dataloaders=loader, return_predictions=False)
+    trainer.predict(model, datamodule=inputs, return_predictions=False)
 
     console = Console()
     console.print(summary(writer))

@@ -36,6 +36,8 @@ from finetune.runtime import (
 )
 
 log = logging.getLogger("finetune")
+# metrics.json: the values of the fit's last epoch, kept apart from the tested checkpoint's val/* and test/*.
+LAST_EPOCH = "last_epoch/"
 
 
 def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -105,6 +107,19 @@ def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
                 entry.purge_step = step
 
 
+def keep_tuned_lr(model: L.LightningModule, ckpt_path: str | Path) -> None:
+    """`tune_lr=true` on resume: the optimizer restored from the checkpoint keeps the rate the run
+    found, so no new search runs (it could only claim to apply its suggestion); the model's
+    optimizer config takes the checkpoint's rate, so later checkpoints say what trains."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    lr = getattr(saved.get("optimizer"), "keywords", {}).get("lr")
+    factory = model.hparams.get("optimizer")
+    if lr is not None and hasattr(factory, "keywords"):
+        factory.keywords["lr"] = lr
+    log.info("tune_lr=true: the learning-rate finder is not run on resume; the optimizer restored from %s "
+             "keeps its learning rate (%s)", ckpt_path, lr)
+
+
 def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, float]:
     """Fit and test as `cfg` says, continuing from `ckpt_path` (or `cfg.ckpt_path`) when given;
     returns the final metrics (the sweeper's objective among them)."""
@@ -115,20 +130,25 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     if ckpt_path:
         continue_tensorboard_at(cfg, ckpt_path)
     datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
-    if cfg.get("tune_lr"):
+    if ckpt_path and hasattr(datamodule, "resume_split_from"):
+        datamodule.resume_split_from(ckpt_path)  # validate on the images the run validated on
+    if cfg.get("tune_lr") and ckpt_path:
+        keep_tuned_lr(model, ckpt_path)
+    elif cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
     # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics[FIT_TIME] = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
+    fit_time = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
     for lg in trainer.loggers:
-        lg.log_metrics({FIT_TIME: metrics[FIT_TIME]}, step=trainer.global_step)
+        lg.log_metrics({FIT_TIME: fit_time}, step=trainer.global_step)
         lg.save()  # the CSV logger writes on save, and its last save was at the end of fit
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = final_metrics({k: float(v) for k, v in trainer.callback_metrics.items()}, best)
+    metrics[FIT_TIME] = fit_time
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
         model.set_tta(cfg.get("tta"))
@@ -137,9 +157,37 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if best:
             log.info("best checkpoint: %s", best)
     if trainer.is_global_zero:
-        print_metrics("final metrics", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
-        # The sweep summary (finetune.sweep_summary) reads this.
-        Path(cfg.paths.output_dir, METRICS).write_text(json.dumps(metrics, indent=2))
+        report(metrics, best, Path(cfg.paths.output_dir))
+    return metrics
+
+
+def report(metrics: dict[str, float], best: str, run_dir: Path) -> None:
+    """Two tables, one per set of weights (the tested checkpoint's validation and test; the last
+    epoch's), and metrics.json, which the sweep summary (finetune.sweep_summary) reads."""
+    tested = f"best checkpoint {Path(best).name}" if best else "final weights"
+    print_metrics(f"{tested}: validation and test", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
+    print_metrics("last epoch (not tested)", {k[len(LAST_EPOCH):]: v for k, v in metrics.items() if k.startswith(LAST_EPOCH)})
+    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+
+
+def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
+    """What metrics.json holds, every value labelled with the weights it belongs to: `val/*` of the
+    best checkpoint (saved with it, temperature included), which is the one tested (`test/*`);
+    what the fit ended with under `last_epoch/` (train/* and the last validation); `val/acc_best`
+    is the whole run's best. Without a best checkpoint the final weights are tested, so `val/*`
+    are the last validation's."""
+    metrics = {f"{LAST_EPOCH}{k}": v for k, v in fit_metrics.items() if k != "val/acc_best"}
+    if "val/acc_best" in fit_metrics:
+        metrics["val/acc_best"] = fit_metrics["val/acc_best"]
+    if not best:
+        metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val/")})
+        return metrics
+    saved = torch.load(best, map_location="cpu", weights_only=False, mmap=True).get("val_metrics")
+    if saved is None:
+        log.warning("%s predates saved validation metrics: metrics.json has the last epoch's (last_epoch/val/*) "
+                    "but no val/* for the tested checkpoint", best)
+        return metrics
+    metrics.update({k: float(v) for k, v in saved.items() if k != "val/acc_best"})
     return metrics
 
 

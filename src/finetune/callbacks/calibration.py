@@ -9,6 +9,11 @@ forward pass: the validation step returns them) and stores it in the module's hp
 ModelCheckpoint saves, so each checkpoint, the best one included, carries the temperature fitted
 for its own weights (the averaged ones too, when weight averaging swaps them in for validation).
 After test it draws the reliability diagram, before and after the temperature.
+
+Test-time augmentation (`tta=hflip`) averages the logits of each image and its mirror image; the
+average is less confident than either, so the plain logits' temperature over-corrects it. With
+`tta` the callback also fits a temperature on the validation logits averaged the same way, stored
+beside the plain one; test and predict apply the one fitted for the logits they compute.
 """
 
 from __future__ import annotations
@@ -115,27 +120,40 @@ def _gather(pl_module: L.LightningModule, parts: list[tuple[torch.Tensor, torch.
     return logits.cpu(), targets.cpu()
 
 
+def tta_average(pl_module: L.LightningModule, logits: torch.Tensor, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """The logits `tta` would give (the module's own `tta_logits` rule), from the plain ones and
+    one more forward pass; cached features (2-D) have no views, so theirs are the plain logits."""
+    if tta != "hflip" or images.dim() != 4:
+        return logits.detach().float()
+    return ((logits.float() + pl_module(images.flip(-1)).float()) / 2).detach()
+
+
 class TemperatureScaling(L.Callback):
     """`fit=True`: fit the temperature on each validation epoch's logits, set it on the module
     (hence in the checkpoints saved after that epoch) and log `val/temperature` and
-    `val/ece_calibrated`. After test (train's or eval's): the reliability diagram in TensorBoard
+    `val/ece_calibrated`; with `tta`, also the temperature for that test-time augmentation
+    (`val/temperature_<tta>`). After test (train's or eval's): the reliability diagram in TensorBoard
     (`tag`) and, with `save_dir`, reliability_diagram.png there.
     """
 
     def __init__(self, fit: bool = True, save_dir: str | None = None,
-                 tag: str = "test/reliability_diagram") -> None:
+                 tag: str = "test/reliability_diagram", tta: str | None = None) -> None:
         self.fit = fit
         self.save_dir = Path(save_dir) if save_dir else None
         self.tag = tag
+        self.tta = tta
         self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._tta_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _collect(self, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         logits = batch_logits(pl_module, outputs, batch[0])
         self._parts.append((logits.detach().float(), batch[1].detach()))
+        if self.tta and self.fit and pl_module.trainer.validating:
+            self._tta_parts.append((tta_average(pl_module, logits, batch[0], self.tta), batch[1].detach()))
 
     # --- validation: fit ------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._parts = []
+        self._parts, self._tta_parts = [], []
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -151,6 +169,12 @@ class TemperatureScaling(L.Callback):
         pl_module.set_temperature(temperature)
         pl_module.log("val/temperature", temperature, on_epoch=True)
         pl_module.log("val/ece_calibrated", expected_calibration_error(logits, targets, temperature), on_epoch=True)
+        if self._tta_parts:
+            logits, targets = _gather(pl_module, self._tta_parts)
+            self._tta_parts = []
+            temperature = fit_temperature(logits, targets)
+            pl_module.set_temperature(temperature, tta=self.tta)
+            pl_module.log(f"val/temperature_{self.tta}", temperature, on_epoch=True)
 
     # --- test: show -----------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -169,7 +193,7 @@ class TemperatureScaling(L.Callback):
         writer = tensorboard(trainer)
         if not trainer.is_global_zero or (writer is None and self.save_dir is None):
             return
-        picture = render(reliability_figure(logits, targets, pl_module.temperature))
+        picture = render(reliability_figure(logits, targets, pl_module.applied_temperature))
         if writer is not None:
             writer.add_image(self.tag, picture[..., :3], global_step=trainer.global_step, dataformats="HWC")
         if self.save_dir is not None:

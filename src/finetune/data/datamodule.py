@@ -13,19 +13,21 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from finetune.data import val_split
 from finetune.data.file_checks import SkipReport, collate_readable
 from finetune.data.resumable_loader import resumable_train_loader
 from finetune.data.transforms import (
     BatchResize,
     Preprocessing,
     auto_augment_step,
-    eval_transform,
-    native_eval_transform,
+    eval_pipeline,
     native_train_transform,
     train_transform,
+    upsample_on_device,  # noqa: F401  (its former home; folder.py imports it from here)
 )
 from finetune.errors import FinetuneError
 
@@ -74,11 +76,6 @@ def _innermost(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def upsample_on_device(source_size: int | None, crop_size: int) -> bool:
-    """Tiny sources (at most half the crop size, e.g. CIFAR-10's 32 pixels fed at 224)."""
-    return source_size is not None and 2 * source_size <= crop_size
-
-
 class ImageDataModule(L.LightningDataModule):
     """Image classification data with transforms from the model's preprocessing.
 
@@ -109,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         max_bad_fraction: float = 0.01,
         skipped_csv: str | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -137,6 +135,12 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.max_bad_fraction = max_bad_fraction
         self.skip_report = SkipReport(skipped_csv)
+        # The validation images taken off train (finetune.data.val_split): in every checkpoint
+        # (state_dict) and, for people, in `split_file`; a resumed fit reuses its checkpoint's.
+        self.split_file = split_file
+        self.val_split: dict[str, Any] | None = None
+        self._stored_split: dict[str, Any] | None = None
+        self._resumed_from: str | None = None
         self.preprocessing = Preprocessing().override(**self.overrides)
         self.datasets: dict[str, Dataset] = {}
         # A callback's stand-in for a split's images, asked each time a loader is built (so after
@@ -182,15 +186,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         p = self.preprocessing
-        train_tf, eval_tf = train_transform(p), eval_transform(p)
-        self.batch_transform = None
-        on_device = self.resize_on_device
-        if on_device is None:
-            on_device = upsample_on_device(self.source_size(), p.crop_size)
-        if on_device:
-            native = self.source_size() or p.crop_size
-            train_tf, eval_tf = native_train_transform(p, native), native_eval_transform(p, native)
-            self.batch_transform = BatchResize(p)
+        pipeline = eval_pipeline(p, self.source_size(), self.resize_on_device)  # shared with predict, export
+        eval_tf, self.batch_transform = pipeline.transform, pipeline.batch
+        train_tf = train_transform(p) if pipeline.native is None else native_train_transform(p, pipeline.native)
         self._eval_tf = eval_tf
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
@@ -199,6 +197,7 @@ class ImageDataModule(L.LightningDataModule):
                 _innermost(val).replace = False  # evaluation drops a file that fails late
         self.datasets = {"train": train, "val": val, "test": self.make_split("test", eval_tf)}
         self._check_readable()
+        self._check_enough_for_each_rank()
         self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
     def train_eval_view(self) -> Dataset:
@@ -245,12 +244,59 @@ class ImageDataModule(L.LightningDataModule):
                     f"unreadable, see {self.skip_report.path or 'the log'}); add images to it"
                 )
 
+    def _check_enough_for_each_rank(self) -> None:
+        """Under DDP every rank needs an image of each evaluated split: val and test images go to
+        exactly one rank each (`_eval_sampler`), and a rank left without a batch never joins the
+        gathers of the metrics and the calibration, so the others would wait for it forever."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        for split in ("val", "test"):
+            dataset = self.datasets.get(split)
+            if world > 1 and dataset is not None and len(dataset) < world:
+                raise FinetuneError(
+                    f"the {split} split has {len(dataset)} image{'s' if len(dataset) != 1 else ''} for {world} "
+                    f"processes: under DDP each process evaluates its own share and needs at least one; add "
+                    f"{split} images (data.val_fraction when val is taken off train) or run on fewer devices "
+                    f"(trainer.devices={max(1, len(dataset))})")
+
     def _split_off_val(self, train: Dataset, train_eval: Dataset) -> tuple[Dataset, Dataset]:
-        """A seeded fraction of train, seen through the eval transform, becomes val."""
-        n = len(train)
-        n_val = max(1, round(n * self.val_fraction))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return Subset(train, order[n_val:]), Subset(train_eval, order[:n_val])
+        """A seeded fraction of train, seen through the eval transform, becomes val; a resumed fit
+        takes the split stored in its checkpoint instead (`resume_split_from`, finetune.data.val_split)."""
+        stored = self._stored_split
+        if stored is None and self._resumed_from:
+            log.warning("%s holds no validation split (written before splits were stored): it is drawn again "
+                        "from data.seed; if train's files changed since, validation may hold images already "
+                        "trained on", self._resumed_from)
+        if stored is None:
+            train_idx, val_idx, self.val_split = val_split.draw(train, self.val_fraction, self.seed)
+        else:
+            train_idx, val_idx = val_split.reuse(train, stored, self.val_fraction, self.seed)
+            self.val_split = stored
+        trainer = self.trainer
+        if self.split_file and trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.is_global_zero:
+            val_split.write(self.split_file, self.val_split)
+        return Subset(train, train_idx), Subset(train_eval, val_idx)
+
+    def resume_split_from(self, ckpt_path: str | os.PathLike) -> None:
+        """Before a resumed fit sets up: validate on the split stored in `ckpt_path` (Lightning
+        restores the data module's state only after `setup`, too late for the loaders' data)."""
+        self._resumed_from = str(ckpt_path)
+        self._stored_split = val_split.stored_in_checkpoint(ckpt_path, type(self).__qualname__)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The validation split, so every checkpoint carries the one its run validated on."""
+        return {val_split.KEY: self.val_split} if self.val_split is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Before `setup`: the split to reuse. After it (Lightning restores a checkpoint once the
+        data is set up): the split in use must be that one (`setup` read it from the checkpoint)."""
+        stored = state_dict.get(val_split.KEY)
+        if stored is None:
+            return
+        if not self.datasets:
+            self._stored_split = stored
+        elif stored != self.val_split:
+            raise RuntimeError("the validation split in use is not the one stored in the checkpoint being restored")
 
     def loader_workers(self) -> int:
         """`num_workers`, except for tiny sources trained on the CPU, which load in the main process.

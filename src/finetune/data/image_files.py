@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.decode import decoder, load_rgb
-from finetune.data.transforms import Preprocessing, eval_transform
+from finetune.data.transforms import BatchResize, Preprocessing, eval_pipeline
 from finetune.errors import FinetuneError
 
 # What PIL and the transform raise for a file that is not a usable image.
@@ -43,8 +44,11 @@ class ImageFiles(Dataset):
     makes (images, paths, skipped) batches where skipped lists (path, reason) for unreadable files."""
 
     def __init__(self, files: list[Path], transform: Callable[[Any], torch.Tensor],
-                 shape: tuple[int, int, int], loader: Callable[[str], Image.Image] = load_rgb) -> None:
+                 shape: tuple[int, int, int], loader: Callable[[str], Image.Image] = load_rgb,
+                 batch_transform: BatchResize | None = None) -> None:
         self.files, self.transform, self.shape, self.loader = files, transform, shape, loader
+        # Applied to each batch of images after `collate`, on the model's device (tiny sources).
+        self.batch_transform = batch_transform
 
     def __len__(self) -> int:
         return len(self.files)
@@ -68,7 +72,44 @@ class ImageFiles(Dataset):
         return images, [path for path, _ in good], skipped
 
 
+def largest_side(files: list[Path], samples: int = 16) -> int | None:
+    """The longest image side among the first `samples` readable files (headers only): the one
+    number the evaluation path is chosen from, as for a folder source."""
+    sides = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                sides.append(max(image.size))
+        except (*_UNREADABLE, UnidentifiedImageError):
+            continue
+        if len(sides) >= samples:
+            break
+    return max(sides) if sides else None
+
+
 def model_inputs(files: list[Path], p: Preprocessing) -> ImageFiles:
-    """`files` decoded and transformed exactly as a model with preprocessing `p` was evaluated
-    (the same decoder as training's, then the eval transform): what predict and export feed it."""
-    return ImageFiles(files, eval_transform(p), (3, p.crop_size, p.crop_size), loader=decoder(p))
+    """`files` decoded and transformed exactly as a model with preprocessing `p` is evaluated:
+    the same decoder as training's, then the evaluation path eval takes for such images
+    (`eval_pipeline`: for tiny ones, a native-size crop here and `batch_transform` per batch).
+    What predict and export's input check feed the model."""
+    pipeline = eval_pipeline(p, largest_side(files))
+    return ImageFiles(files, pipeline.transform, (3, pipeline.side, pipeline.side), loader=decoder(p),
+                      batch_transform=pipeline.batch)
+
+
+class ImageFilesData(L.LightningDataModule):
+    """predict's loader over `ImageFiles`, with their per-batch step applied on the device, as the
+    training data modules apply theirs (`on_after_batch_transfer`)."""
+
+    def __init__(self, dataset: ImageFiles, **loader_kwargs: Any) -> None:
+        super().__init__()
+        self.dataset, self.loader_kwargs = dataset, loader_kwargs
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, collate_fn=self.dataset.collate, **self.loader_kwargs)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, *rest = batch
+        if self.dataset.batch_transform is not None and len(images):
+            images = self.dataset.batch_transform(images)
+        return (images, *rest)

@@ -146,7 +146,7 @@ def native_train_transform(p: Preprocessing, native_size: int) -> v2.Compose:
 
 def native_eval_transform(p: Preprocessing, native_size: int) -> v2.Compose:
     """Resize + center-crop scaled down to the source's size (the same fraction of the image)."""
-    crop = max(1, round(native_size * p.crop_size / p.resize_size))
+    crop = native_crop(p, native_size)
     return v2.Compose(
         [
             v2.Resize(native_size, interpolation=_interpolation(p.interpolation), antialias=True),
@@ -154,6 +154,11 @@ def native_eval_transform(p: Preprocessing, native_size: int) -> v2.Compose:
             v2.ToImage(),
         ]
     )
+
+
+def native_crop(p: Preprocessing, native_size: int) -> int:
+    """The center crop at the source's size that covers what `crop_size` of `resize_size` does."""
+    return max(1, round(native_size * p.crop_size / p.resize_size))
 
 
 class BatchResize:
@@ -183,3 +188,31 @@ class BatchResize:
             kwargs = {} if self.mode == "nearest" else {"antialias": True, "align_corners": False}
             x = torch.nn.functional.interpolate(x, size=self.size, mode=self.mode, **kwargs)
         return x.float().sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+def upsample_on_device(source_size: int | None, crop_size: int) -> bool:
+    """Tiny sources (at most half the crop size, e.g. CIFAR-10's 32 pixels fed at 224)."""
+    return source_size is not None and 2 * source_size <= crop_size
+
+
+@dataclass(frozen=True)
+class EvalPipeline:
+    """How evaluation reads images: `transform` per image, giving (3, `side`, `side`), then `batch`
+    per batch on the device (None: nothing); `native` is the size tiny sources are cropped at
+    (None: not a tiny source)."""
+
+    transform: v2.Compose
+    side: int
+    batch: BatchResize | None = None
+    native: int | None = None
+
+
+def eval_pipeline(p: Preprocessing, source_size: int | None, resize_on_device: bool | None = None) -> EvalPipeline:
+    """The one evaluation path that eval, predict and export's input check share: resize + center
+    crop per image, or for tiny sources (`upsample_on_device`, or `resize_on_device=True`) the same
+    crop at the source's own size and the upsampling + normalisation per batch (`BatchResize`)."""
+    on_device = upsample_on_device(source_size, p.crop_size) if resize_on_device is None else resize_on_device
+    if not on_device:
+        return EvalPipeline(eval_transform(p), p.crop_size)
+    native = source_size or p.crop_size
+    return EvalPipeline(native_eval_transform(p, native), native_crop(p, native), BatchResize(p), native)

@@ -69,6 +69,7 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         temperature: float = 1.0,
+        tta_temperatures: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -89,7 +90,10 @@ class ImageClassifier(L.LightningModule):
         self.val_ece = _calibration_error(num_classes)
         self.test_ece = _calibration_error(num_classes)
         self.test_ece_calibrated = _calibration_error(num_classes)
+        self.tta_temperatures: dict[str, float] = {}
         self.set_temperature(temperature)
+        for view, value in (tta_temperatures or {}).items():
+            self.set_temperature(value, tta=view)
         self._set_speed(channels_last, compile)
         # Test-time augmentation for test and predict (eval.py/predict.py tta=hflip): a choice of
         # the evaluation, not of the model, so not a hyperparameter.
@@ -109,19 +113,40 @@ class ImageClassifier(L.LightningModule):
         self.preprocessing = p
         self.hparams["preprocessing"] = p.as_dict()
 
-    def set_temperature(self, temperature: float) -> None:
+    def set_temperature(self, temperature: float, tta: str | None = None) -> None:
         """The softmax temperature that calibrates the probabilities (fitted on the validation
         split by callbacks.calibration); in the hparams, so every checkpoint carries the value
         fitted for its own weights. Logits (`forward`, the loss, accuracy) never use it: only the
-        probabilities users see (`predict_step`, `test/ece_calibrated`, the exported model) do."""
+        probabilities users see (`predict_step`, `test/ece_calibrated`, the exported model) do.
+        `tta`: the one fitted on logits averaged over that test-time augmentation's views."""
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
-        self.hparams["temperature"] = self.temperature
+        if tta is None:
+            self.temperature = float(temperature)
+            self.hparams["temperature"] = self.temperature
+        else:
+            self.tta_temperatures[tta] = float(temperature)
+            self.hparams["tta_temperatures"] = dict(self.tta_temperatures)
+
+    @property
+    def applied_temperature(self) -> float:
+        """The temperature for the logits `tta_logits` gives: fitted on the same kind of logits.
+        Uncalibrated models (T = 1) need none for a test-time augmentation."""
+        if self.tta is None:
+            return self.temperature
+        if self.tta in self.tta_temperatures:
+            return self.tta_temperatures[self.tta]
+        if self.temperature == 1.0 and not self.tta_temperatures:
+            return 1.0
+        raise FinetuneError(
+            f"tta={self.tta}: this checkpoint's temperature ({self.temperature:.4g}) was fitted on plain "
+            f"validation logits, not on {self.tta}-averaged ones, and would miscalibrate them; train with "
+            f"tta={self.tta} (calibration then fits both), or use tta=null")
 
     def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """softmax(logits / temperature): the same argmax as the logits, honest confidences."""
-        return (logits.float() / self.temperature).softmax(dim=-1)
+        """softmax(logits / temperature), with the temperature fitted for these logits (plain or
+        TTA-averaged): the same argmax as the logits, honest confidences."""
+        return (logits.float() / self.applied_temperature).softmax(dim=-1)
 
     @torch.no_grad()
     def fold_temperature(self) -> None:
@@ -172,6 +197,7 @@ class ImageClassifier(L.LightningModule):
         if tta not in TTA_VIEWS:
             raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
         self.tta = tta
+        self.applied_temperature  # noqa: B018  a temperature fitted for other logits fails here, in one line
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits through `self.tta`'s views (the plain forward without TTA or for cached features)."""
@@ -266,9 +292,15 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The best validation accuracy so far, so a resumed run's `val/acc_best` is the whole
-        run's (the metric's state is not in the state dict, which older checkpoints lack)."""
+        run's (the metric's state is not in the state dict, which older checkpoints lack), and the
+        latest validation metrics."""
         if self.val_acc_best.update_count:
             checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+        # The validation these weights scored (and the temperature fitted for them): what the final
+        # metrics report beside the test of the best checkpoint (finetune.train.final_metrics).
+        if self._trainer is not None:
+            checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                         if k.startswith("val/")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "val_acc_best" in checkpoint:
@@ -278,6 +310,10 @@ class ImageClassifier(L.LightningModule):
         # temperature fitted for those weights comes with them (1.0 for older checkpoints).
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY) or {}
         self.set_temperature(hparams.get("temperature", 1.0))
+        self.tta_temperatures = {}
+        self.hparams["tta_temperatures"] = None
+        for view, value in (hparams.get("tta_temperatures") or {}).items():
+            self.set_temperature(value, tta=view)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The logits reach callbacks (confusion matrix, top losses, reliability diagram) as `outputs`."""
