@@ -53,7 +53,7 @@ class ClassifierAPI(ls.LitAPI):
 
     # No annotations on decode_request/encode_response: LitServe builds the endpoint from them
     # (none: the JSON body that request_body.ImageBody made, and whatever Response we return).
-    def decode_request(self, request):  # noqa: ANN001, ANN201
+    def decode_request(self, request):
         try:
             data = base64.b64decode(request["image"], validate=True)
         except (TypeError, KeyError, binascii.Error):
@@ -90,7 +90,7 @@ class ClassifierAPI(ls.LitAPI):
     def unbatch(self, output: list[Any]) -> list[Any]:
         return output
 
-    def encode_response(self, output):  # noqa: ANN001, ANN201
+    def encode_response(self, output):
         if isinstance(output, BadImage):
             return error_response(output.status, output.reason)
         top_p, top_i = output.topk(self.top_k)
