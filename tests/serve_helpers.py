@@ -78,14 +78,16 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def served(ckpt: Path, run_dir: Path, *overrides: str, timeout: float = 240) -> Iterator[tuple[int, subprocess.Popen]]:
-    """`python -m finetune.serve ckpt_path=ckpt OVERRIDES` on a free port; yields (port, process)."""
+def served(ckpt: Path, run_dir: Path, *overrides: str, timeout: float = 240,
+           source: str = "ckpt_path") -> Iterator[tuple[int, subprocess.Popen]]:
+    """`python -m finetune.serve ckpt_path=ckpt OVERRIDES` (source="onnx": onnx=ckpt, an ONNX
+    file) on a free port; yields (port, process)."""
     port = free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "finetune.serve", f"ckpt_path={ckpt}", f"port={port}",
+            [sys.executable, "-m", "finetune.serve", f"{source}={ckpt}", f"port={port}",
              f"hydra.run.dir={run_dir}", *overrides],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"})

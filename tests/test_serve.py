@@ -23,6 +23,7 @@ import pytest
 
 from conftest import compose_train
 from finetune.data.image_files import find_files
+from finetune.export import export
 from finetune.models.checkpoint import load_classifier
 from finetune.predict import predict
 from finetune.train import train
@@ -97,6 +98,23 @@ def test_served_probabilities_equal_predict_py(server, ckpt, images, tmp_path):
 
 
 @slow
+def test_an_exported_onnx_file_serves_the_same_probabilities(ckpt, images, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnx=PATH needs onnxruntime (the export extra)")
+    onnx = tmp_path / "deploy" / "model.onnx"
+    export(compose_train([f"ckpt_path={ckpt}", "format=onnx", f"output={onnx}"], tmp_path / "export",
+                         config_name="export"))
+    expected = predicted_by_predict_py(ckpt, images, tmp_path / "predict")
+    with served(onnx, tmp_path / "served", "tta=hflip", "top_k=10", source="onnx") as (port, _):
+        answers = {f.name: post_image(port, f.read_bytes(), "image/jpeg") for f in find_files(images)}
+        info = json.loads(request(port, "GET", "/info")[1])["model"]
+    assert info["format"] == "onnx" and info["temperature"] == pytest.approx(load_classifier(ckpt).temperature)
+    for name, (status, answer) in answers.items():
+        assert status == 200 and answer["checkpoint"] == f"sha256:{hashlib.sha256(onnx.read_bytes()).hexdigest()}"
+        got, want = served_probabilities(answer), expected[name]
+        assert max(abs(got[c] - want[c]) for c in want) < 1e-5, (name, got, want)
+
+
+@slow
 def test_info_and_health_describe_the_checkpoint(server, ckpt):
     status, body = request(server, "GET", "/health")
     assert (status, body) == (200, b"ok")
@@ -158,12 +176,15 @@ def test_a_bad_image_does_not_fail_the_good_ones_batched_with_it(server, images)
     assert statuses == [200, 400, 200, 400] * 2, answers
 
 
-def test_a_missing_checkpoint_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "finetune.serve", f"ckpt_path={tmp_path / 'nope.ckpt'}",
+@pytest.mark.parametrize(("args", "named"), [(["ckpt_path={tmp}/nope.ckpt"], "nope.ckpt"),
+                                             (["onnx={tmp}/nope.onnx"], "nope.onnx"),
+                                             ([], "ckpt_path=PATH")])
+def test_a_missing_model_is_one_line(tmp_path, args, named):
+    result = subprocess.run([sys.executable, "-m", "finetune.serve", *(a.format(tmp=tmp_path) for a in args),
                              f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, check=False)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "nope.ckpt" in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -2,8 +2,8 @@
 
 Each request is decoded and transformed exactly as predict.py reads a file (`model_inputs`: the
 checkpoint's decoder, then its eval transform), and a batch goes through the model's own
-`predict_step` (TTA views, then softmax(logits / temperature)), so served probabilities equal
-predict.py's. A bad image is an answer, not an exception: LitServe's batched loop fails every
+`predict_step` (TTA views, then softmax(logits / temperature); `models.py`), so served
+probabilities equal predict.py's. A bad image is an answer, not an exception: LitServe's batched loop fails every
 request of a batch when `decode_request` or `encode_response` raises for one of them, so a bad
 upload would fail the good requests batched with it (tests/test_serve.py shows it).
 """
@@ -22,7 +22,7 @@ from PIL import Image
 from starlette.responses import JSONResponse
 
 from finetune.data.image_files import model_inputs, read_image
-from finetune.models.checkpoint import load_classifier
+from finetune.serve.models import load_served
 from finetune.serve.request_body import error_response
 
 
@@ -37,17 +37,15 @@ class BadImage:
 class ClassifierAPI(ls.LitAPI):
     """Top-k calibrated probabilities for one image per request, batched by LitServe."""
 
-    def __init__(self, ckpt_path: str, tta: str | None, top_k: int, max_pixels: int, identity: str,
+    def __init__(self, source: dict[str, str | None], top_k: int, max_pixels: int, identity: str,
                  max_batch_size: int, batch_timeout: float) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.ckpt_path, self.tta, self.top_k = ckpt_path, tta, top_k
-        self.max_pixels, self.identity = max_pixels, identity
+        self.source, self.top_k, self.max_pixels, self.identity = source, top_k, max_pixels, identity
 
     def setup(self, device: str) -> None:
-        self.model = load_classifier(self.ckpt_path).to(device)
-        self.model.set_tta(self.tta)
+        self.model = load_served(**self.source, device=device)
         self.inputs = model_inputs([], self.model.preprocessing)  # predict's decoder and transform
-        self.names = list(self.model.class_names)
+        self.names = self.model.class_names
         self.top_k = max(1, min(self.top_k, len(self.names)))
         Image.MAX_IMAGE_PIXELS = self.max_pixels  # larger: refused before decoding (see decode_request)
 
@@ -80,9 +78,7 @@ class ClassifierAPI(ls.LitAPI):
         good = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
         out = list(items)
         if good:
-            images = torch.stack([items[i] for i in good]).to(self.model.device)
-            with torch.inference_mode():
-                probs = self.model.predict_step(images, 0).float().cpu()
+            probs = self.model.probabilities(torch.stack([items[i] for i in good]))
             for i, row in zip(good, probs):
                 out[i] = row
         return out if isinstance(x, list) else out[0]
