@@ -14,6 +14,7 @@ import base64
 import binascii
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import litserve as ls
@@ -22,7 +23,8 @@ from PIL import Image
 from starlette.responses import JSONResponse
 
 from finetune.data.image_files import model_inputs, read_image
-from finetune.serve.models import load_served
+from finetune.errors import FinetuneError
+from finetune.serve.models import file_sha256, load_served
 from finetune.serve.request_body import error_response
 
 
@@ -43,6 +45,9 @@ class ClassifierAPI(ls.LitAPI):
         self.source, self.top_k, self.max_pixels, self.identity = source, top_k, max_pixels, identity
 
     def setup(self, device: str) -> None:
+        path = Path(str(self.source["ckpt_path"] or self.source["onnx"])).expanduser()
+        if file_sha256(path) != self.identity:  # replaced since the server hashed it for /info
+            raise FinetuneError(f"{path} changed while the server started; start it again")
         self.model = load_served(**self.source, device=device)
         self.inputs = model_inputs([], self.model.preprocessing)  # predict's decoder and transform
         self.names = self.model.class_names
@@ -93,5 +98,5 @@ class ClassifierAPI(ls.LitAPI):
         return JSONResponse({
             "predictions": [{"label": self.names[i], "probability": p}
                             for p, i in zip(top_p.tolist(), top_i.tolist())],
-            "checkpoint": self.identity,
+            "checkpoint": f"sha256:{self.identity}",
         })

@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
-from starlette.responses import HTMLResponse
 
 from finetune.config_source import CONFIG_PATH
 from finetune.errors import FinetuneError
@@ -43,6 +42,8 @@ def build_server(cfg: DictConfig) -> Any:
         import litserve as ls
     except ImportError as e:
         raise FinetuneError("serving needs LitServe: pip install -e '.[serve]' (make install does)") from e
+    from starlette.responses import HTMLResponse
+
     from finetune.serve.api import ClassifierAPI
     from finetune.serve.request_body import ImageBody
 
@@ -50,7 +51,7 @@ def build_server(cfg: DictConfig) -> Any:
         raise FinetuneError("max_batch_size, max_bytes and max_pixels must be >= 1 and batch_timeout >= 0")
     info = model_info(cfg)
     source = {"ckpt_path": cfg.ckpt_path, "onnx": cfg.onnx, "tta": cfg.tta}
-    api = ClassifierAPI(source, cfg.top_k, cfg.max_pixels, f"sha256:{info['checkpoint']['sha256']}",
+    api = ClassifierAPI(source, cfg.top_k, cfg.max_pixels, info["checkpoint"]["sha256"],
                         cfg.max_batch_size, cfg.batch_timeout)
     server = ls.LitServer(api, accelerator=cfg.accelerator, devices=1, timeout=cfg.timeout,
                           model_metadata=info, middlewares=[(ImageBody, {"max_bytes": cfg.max_bytes})])
