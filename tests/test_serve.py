@@ -1,8 +1,9 @@
 """`python -m finetune.serve`: a checkpoint trained here, served over real HTTP on 127.0.0.1.
 
 One server (tta=hflip, dynamic batching with a batch window wide enough that concurrent requests
-share a batch) answers every test of the module: parity with predict.py, bad requests, batches
-that mix good and bad images, /info and /health, and the page in headless Chromium.
+share a batch) answers the module's tests: parity with predict.py, bad requests, batches that mix
+good and bad images, /info and /health, and the page in headless Chromium; a second one serves
+the same checkpoint exported to ONNX.
 """
 
 from __future__ import annotations
