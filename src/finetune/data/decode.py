@@ -9,6 +9,7 @@ the preprocessing.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from functools import partial
@@ -21,16 +22,16 @@ if TYPE_CHECKING:
     from finetune.data.transforms import Preprocessing
 
 
-def load_rgb(path: str, min_side: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB, upright; a JPEG at least twice `min_side` is decoded at 1/2,
-    1/4 or 1/8 scale.
+def load_rgb(path: str | bytes, min_side: int | None = None) -> Image.Image:
+    """Open an image (a file path, or the file's bytes as a server receives them) as 8-bit RGB,
+    upright; a JPEG at least twice `min_side` is decoded at 1/2, 1/4 or 1/8 scale.
 
     Draft mode makes a 1600x1200 photo read for a 224-pixel crop decode about 2x faster; the short
     side never drops below `min_side`. `min_side=None` is a full decode. The EXIF orientation tag
     is applied (a phone photo is seen the way every viewer shows it), and 16-bit images are scaled
     to 8 bits rather than clipped (Pillow's own conversion turns most of them white).
     """
-    with open(path, "rb") as f:
+    with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f:
         image = Image.open(f)
         if min_side and image.format == "JPEG":
             w, h = image.size

@@ -39,6 +39,21 @@ def find_files(path: str | Path) -> list[Path]:
     return files
 
 
+def read_image(source: str | bytes, loader: Callable[[str | bytes], Image.Image],
+               transform: Callable[[Any], torch.Tensor], shape: tuple[int, int, int]) -> tuple[torch.Tensor | None, str]:
+    """(`source` loaded and transformed, "") or (None, why it is not a usable image): one image
+    read the way predict reads files, for the dataset below and for the server (bytes)."""
+    try:
+        image = transform(loader(source))
+    except UnidentifiedImageError:
+        return None, "not an image (PIL cannot identify the format)"
+    except _UNREADABLE as e:
+        return None, " ".join(str(e).split()) or type(e).__name__
+    if tuple(image.shape) != shape:
+        return None, f"transformed to shape {tuple(image.shape)}, expected {shape}"
+    return image, ""
+
+
 class ImageFiles(Dataset):
     """`files` read by `loader` and put through `transform` (which must give `shape`); `collate`
     makes (images, paths, skipped) batches where skipped lists (path, reason) for unreadable files."""
@@ -55,15 +70,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str]:
         path = str(self.files[index])
-        try:
-            image = self.transform(self.loader(path))
-        except UnidentifiedImageError:
-            return path, None, "not an image (PIL cannot identify the format)"
-        except _UNREADABLE as e:
-            return path, None, " ".join(str(e).split()) or type(e).__name__
-        if tuple(image.shape) != self.shape:
-            return path, None, f"transformed to shape {tuple(image.shape)}, expected {self.shape}"
-        return path, image, ""
+        return path, *read_image(path, self.loader, self.transform, self.shape)
 
     def collate(self, items: list[tuple[str, torch.Tensor | None, str]]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
         good = [(path, image) for path, image, _ in items if image is not None]
