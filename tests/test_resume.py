@@ -93,7 +93,8 @@ def _resume(run_dir: Path, *extra: str) -> dict[str, float]:
 def _assert_same_run(resumed: dict[str, float], alone: dict[str, float]) -> None:
     # Not val/acc_best: the model's MaxMetric is not in the checkpoint, so after an end-of-epoch
     # resume it forgets the epochs before (the best checkpoint, tested here, does not).
-    for key in ("test/acc", "test/loss", "val/loss", "val/acc", "train/loss_epoch"):
+    for key in ("test/acc", "test/loss", "val/loss", "val/acc", "last_epoch/val/loss", "last_epoch/val/acc",
+                "last_epoch/train/loss_epoch"):
         assert resumed[key] == alone[key], (key, resumed, alone)
 
 
