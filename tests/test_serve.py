@@ -27,6 +27,7 @@ from finetune.data.image_files import find_files
 from finetune.export import export
 from finetune.models.checkpoint import load_classifier
 from finetune.predict import predict
+from finetune.serve.app import exposure_warning
 from finetune.train import train
 from serve_helpers import post_image, request, served
 from test_decoding import photo
@@ -175,6 +176,13 @@ def test_a_bad_image_does_not_fail_the_good_ones_batched_with_it(server, images)
         answers = list(pool.map(lambda b: post_image(server, b, "image/jpeg"), bodies))
     statuses = [status for status, _ in answers]
     assert statuses == [200, 400, 200, 400] * 2, answers
+
+
+def test_binding_beyond_loopback_is_said_out_loud():
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert exposure_warning(host) is None
+    for host in ("0.0.0.0", "::", "192.168.1.5"):
+        assert "reachable from other machines" in exposure_warning(host)
 
 
 @pytest.mark.parametrize(("args", "named"), [(["ckpt_path={tmp}/nope.ckpt"], "nope.ckpt"),

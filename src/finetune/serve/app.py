@@ -62,11 +62,18 @@ def build_server(cfg: DictConfig) -> Any:
     return server
 
 
+def exposure_warning(host: str) -> str | None:
+    """What to say out loud when `host` is not loopback: other machines can reach the server."""
+    if host in LOOPBACK:
+        return None
+    return (f"host={host}: the server is reachable from other machines, with no authentication; "
+            "host=127.0.0.1 keeps it on this machine")
+
+
 def serve(cfg: DictConfig) -> None:
     server = build_server(cfg)
-    if cfg.host not in LOOPBACK:
-        log.warning("host=%s: the server is reachable from other machines, with no authentication; "
-                    "host=127.0.0.1 keeps it on this machine", cfg.host)
+    if warning := exposure_warning(cfg.host):
+        log.warning(warning)
     log.info("serving %s on http://%s:%s (max_batch_size=%d, batch_timeout=%gs)", cfg.ckpt_path or cfg.onnx,
              cfg.host, cfg.port, cfg.max_batch_size, cfg.batch_timeout)
     server.run(host=cfg.host, port=cfg.port, num_api_servers=1, generate_client_file=False,
