@@ -26,7 +26,7 @@ def test_hparams_are_the_settings_a_researcher_varies_and_the_runs_own_overrides
     cfg = make_cfg(["finetune=gradual", "model.optimizer.lr=0.01", "data.augment=false",
                     "data.skipped_csv=/tmp/skipped.csv", "callbacks.top_losses.k=3"])
     params = select_hparams(cfg, image_size=40)
-    gradual_knobs = {"finetune/unfreeze_at_epoch", "finetune/backbone_lr_mult", "finetune/train_bn"}
+    gradual_knobs = {"finetune/unfreeze_at_epoch", "finetune/backbone_lr_mult", "finetune/train_bn", "finetune/bn"}
     # the override of a setting not in the list gets its own column; paths and callbacks do not
     assert set(params) == SETTINGS | gradual_knobs | {"data.augment"}, sorted(params)
     assert params["optimizer/lr"] == 0.01 and params["optimizer/class"] == "Adam"
