@@ -215,3 +215,12 @@ def test_lp_ft_on_streaming_data_trains_stage_one_on_cached_features(converted, 
     trainer.callbacks.append(kinds)
     trainer.fit(model, datamodule=dm)
     assert {e: {d for d, _ in k} for e, k in kinds.epochs.items()} == {0: {2}, 1: {4}}
+
+
+def test_a_checkpoint_of_the_old_strategies_is_refused_in_one_line():
+    """Their optimizer had groups added at the unfreeze: it cannot be restored into one optimizer."""
+    from finetune.errors import FinetuneError
+    from finetune.finetuning import Gradual
+
+    with pytest.raises(FinetuneError, match="older finetune"):
+        Gradual().load_state_dict({"internal_optimizer_metadata": {0: []}})
