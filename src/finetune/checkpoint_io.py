@@ -23,12 +23,26 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finetune.cache_lock import remove_leftovers
+from finetune.safe_checkpoint import load_checkpoint, refusing_code
 
 TEMP_SUFFIX = ".tmp"  # not .ckpt: nothing that looks for checkpoints takes a half-written one
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local saves go to a temp file beside the target and are renamed."""
+    """TorchCheckpointIO whose local saves go to a temp file beside the target and are renamed, and
+    whose loads (resume, `trainer.test(ckpt_path=...)`) use torch's weights-only unpickler unless the
+    caller passes `weights_only=False` (trust_checkpoint=true): Lightning's own default is the full
+    one, which runs whatever code a checkpoint holds."""
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        fs, local_path = url_to_fs(str(path))
+        if not isinstance(fs, LocalFileSystem):
+            with refusing_code(path):
+                return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
+        if not Path(local_path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_checkpoint(local_path, map_location=map_location, trust=weights_only is False, mmap=False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         fs, local_path = url_to_fs(str(path))

@@ -58,7 +58,7 @@ def export(cfg: DictConfig) -> dict:
     for path in (target, described):
         if path.exists():
             raise FinetuneError(f"{path} exists; pass another output=PATH or move the file away")
-    model = load_classifier(cfg.ckpt_path)
+    model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     p = model.preprocessing
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(cfg.sample_batch_size, 3, p.crop_size, p.crop_size, generator=generator)

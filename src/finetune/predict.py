@@ -43,7 +43,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     output = Path(cfg.output)
     if output.exists():
         raise FinetuneError(f"output={output} exists; pass another output=PATH or move the file away")
-    model = load_classifier(cfg.ckpt_path)
+    model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     model.set_tta(cfg.get("tta"))
     files = find_files(cfg.input)
     p = model.preprocessing

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
@@ -33,6 +32,7 @@ from finetune.runtime import (
     resolve_speed_settings,
     user_errors_as_one_line,
 )
+from finetune.safe_checkpoint import load_checkpoint
 
 log = logging.getLogger("finetune")
 
@@ -91,7 +91,7 @@ def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
     """A resumed run logs into the same TensorBoard run; steps the stopped run logged after its
     checkpoint are logged again, so TensorBoard is told to hide the stale ones (SummaryWriter's
     purge_step) and each step shows once."""
-    loop = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["loops"]["fit_loop"]
+    loop = load_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint")))["loops"]["fit_loop"]
     step = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
     batches = loop.get("epoch_loop.batch_progress", {}).get("current", {})
     if batches.get("processed", 0) > batches.get("completed", 0):
@@ -115,9 +115,10 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     if cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
-    # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
+    # Checkpoints are data (finetune.safe_checkpoint): read with the weights-only unpickler.
+    weights_only = not cfg.get("trust_checkpoint")
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics[FIT_TIME] = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
     for lg in trainer.loggers:
@@ -129,7 +130,7 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if not best:
             log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
         model.set_tta(cfg.get("tta"))
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if best:
             log.info("best checkpoint: %s", best)

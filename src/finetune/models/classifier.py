@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -20,6 +20,7 @@ from finetune.errors import FinetuneError
 from finetune.finetuning.param_groups import check_partition, param_groups
 from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
+from finetune.models.factory_config import OPTIMIZER_TYPES, SCHEDULER_TYPES, as_config, as_factory
 
 log = logging.getLogger("finetune")
 
@@ -54,8 +55,8 @@ class ImageClassifier(L.LightningModule):
         weights: str | None = "DEFAULT",
         num_classes: int = 1000,
         class_names: Sequence[str] | None = None,
-        optimizer: partial | None = None,
-        scheduler: partial | None = None,
+        optimizer: partial | Mapping | None = None,
+        scheduler: partial | Mapping | None = None,
         scheduler_interval: str = "epoch",
         head_dropout: float = 0.0,
         drop_path: float | None = None,
@@ -71,6 +72,8 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         if class_names is not None:
             class_names = [str(c) for c in class_names]
+        # As config dicts, not partials: a checkpoint holds data only (finetune.safe_checkpoint).
+        optimizer, scheduler = as_config(optimizer), as_config(scheduler)
         self.save_hyperparameters(logger=False)
         backbone = create_backbone(name, weights, drop_path=drop_path)
         self.backbone = backbone.module
@@ -260,7 +263,8 @@ class ImageClassifier(L.LightningModule):
         biases, norm weights and embeddings unless `decay_norm_and_bias`), each group at
         `lr_mult` times the configured rate. Raises RuntimeError if the groups miss or repeat a
         trainable parameter: such a parameter would silently never train, or train twice."""
-        optimizer_factory = self.hparams.optimizer or partial(torch.optim.Adam, lr=1e-3)
+        optimizer_factory = (as_factory(self.hparams.optimizer, OPTIMIZER_TYPES) if self.hparams.optimizer
+                             else partial(torch.optim.Adam, lr=1e-3))
         groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay,
                               decay_norm_and_bias=self.hparams.decay_norm_and_bias)
         check_partition(groups, self)
@@ -269,7 +273,7 @@ class ImageClassifier(L.LightningModule):
             group["lr"] = group["lr"] * group["lr_mult"]
         if self.hparams.scheduler is None:
             return optimizer
-        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        scheduler = as_factory(self.hparams.scheduler, SCHEDULER_TYPES)(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
