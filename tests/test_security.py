@@ -46,7 +46,7 @@ def run(tmp_path_factory) -> Path:
 
 def evil_copy(good: Path, bad: Path, marker: Path) -> Path:
     """`good` with a code-running object among its hyperparameters; checks the payload is live."""
-    checkpoint = torch.load(good, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(good, map_location="cpu", weights_only=False)  # the test's own run
     checkpoint["hyper_parameters"]["head_dropout"] = WritesMarker(marker)
     torch.save(checkpoint, bad)
     probe = marker.with_name("probe")

@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
 from finetune.callbacks.param_counts import ParameterCounts
-from finetune.config_checks import check_input_size, check_numbers
+from finetune.config_checks import check_input_size, check_numbers, check_options
 from finetune.config_source import CONFIG_PATH
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
@@ -106,6 +106,7 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     """Fit and test as `cfg` says, continuing from `ckpt_path` (or `cfg.ckpt_path`) when given;
     returns the final metrics (the sweeper's objective among them)."""
     check_numbers(cfg)
+    check_options(cfg)
     ckpt_path = ckpt_path or cfg.get("ckpt_path")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
