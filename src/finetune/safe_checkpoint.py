@@ -34,6 +34,10 @@ log = logging.getLogger("finetune")
 SAFE_GLOBALS: list[Any] = []
 torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
+# What torch.load raises for a file it cannot read: a damaged archive (RuntimeError from the zip
+# reader), a damaged pickle, a short read. (A file that would run code is a FinetuneError instead.)
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, ImportError, AttributeError,
+               OSError, KeyError)
 TRUST_HINT = ("if you wrote it yourself with an older finetune and trust it, pass trust_checkpoint=true "
               "(loads it with the full unpickler, which runs any code it holds)")
 _GLOBAL = re.compile(r"GLOBAL (\S+)")

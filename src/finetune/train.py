@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
+from finetune import run_lock
 from finetune.callbacks.param_counts import ParameterCounts
 from finetune.config_checks import check_input_size, check_numbers, check_options
 from finetune.config_source import CONFIG_PATH
@@ -23,7 +24,14 @@ from finetune.errors import FinetuneError
 from finetune.hparams_view import FIT_TIME
 from finetune.lr_finder import tune_learning_rate
 from finetune.requeue import RequeueOnSignal
-from finetune.resume import METRICS, Start, decide_start, prepare_argv, write_record
+from finetune.resume import (
+    METRICS,
+    Start,
+    checkpoint_problem,
+    decide_start,
+    prepare_argv,
+    write_record,
+)
 from finetune.runtime import (
     instantiate_all,
     log_hyperparameters,
@@ -111,6 +119,10 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if ckpt_path:
+        problem = checkpoint_problem(Path(ckpt_path), trust=bool(cfg.get("trust_checkpoint")))
+        if problem:
+            raise FinetuneError(f"ckpt_path={ckpt_path} cannot be resumed from ({problem}); pass a checkpoint "
+                                "written by train.py (RUN_DIR/checkpoints/*.ckpt)")
         continue_tensorboard_at(cfg, ckpt_path)
     datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
     if cfg.get("tune_lr"):
@@ -144,11 +156,19 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
 
 def train_or_resume(cfg: DictConfig) -> dict[str, float]:
     """`train` in the run dir as `cfg.resume` and the dir's own record say: afresh, from the dir's
-    newest checkpoint, or not at all when this run already finished there."""
+    newest readable checkpoint, or not at all when this run already finished there. Rank zero holds
+    the run dir's lock throughout (finetune.run_lock): one training process per run dir."""
     run_dir = Path(cfg.paths.output_dir)
+    if not is_global_zero():
+        return _train_or_resume(cfg, run_dir)
+    with run_lock.locked(run_dir):
+        return _train_or_resume(cfg, run_dir)
+
+
+def _train_or_resume(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     start = Start(ckpt_path=Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else \
-        decide_start(run_dir, overrides, cfg.get("resume"))
+        decide_start(run_dir, overrides, cfg.get("resume"), trust=bool(cfg.get("trust_checkpoint")))
     if start.finished:
         log.info("%s: this run already finished (its metrics: %s); nothing to train. Train more with "
                  "resume=%s trainer.max_epochs=N, or again with resume=never", run_dir, run_dir / METRICS, run_dir)
