@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
+from finetune.errors import FinetuneError
+from finetune.resume import prepare_argv
 
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.native_size=32",
         "data.image_size=32", "data.resize_size=32", "data.batch_size=8", "model.name=timm:test_resnet",
@@ -74,31 +76,56 @@ FOREIGN = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FOREIGN)
-def test_resume_into_a_dir_that_is_not_our_run_writes_nothing_there(case, finished_run, tmp_path):
+def test_resume_into_a_dir_that_is_not_our_run_is_refused_before_anything_is_written(case, finished_run, tmp_path):
     make, expected = FOREIGN[case]
     foreign = tmp_path / "foreign"
     make(foreign, finished_run)
     before = snapshot(foreign)
-    result = run_cli("train.py", f"resume={foreign}", "trainer.max_epochs=3", cwd=tmp_path, timeout=300)
-    line = one_error_line(result)
-    assert str(foreign) in line and expected in line, line
+    with pytest.raises(FinetuneError) as info:
+        prepare_argv(["train.py", f"resume={foreign}", "trainer.max_epochs=3"], environ={})
+    assert "\n" not in str(info.value) and str(foreign) in str(info.value) and expected in str(info.value)
     assert snapshot(foreign) == before
 
 
-DAMAGED_RECORDS = {"garbage": b"\x00\x01garbage{", "truncated": b'{"overrides": ["seed=1"', "wrong shape": b"[1, 2]"}
+@pytest.mark.slow
+def test_the_command_line_leaves_another_tools_run_byte_for_byte_alone(finished_run, tmp_path):
+    foreign = tmp_path / "foreign"
+    _another_tools_run(foreign, finished_run)
+    before = snapshot(foreign)
+    line = one_error_line(run_cli("train.py", f"resume={foreign}", "trainer.max_epochs=3", cwd=tmp_path, timeout=300))
+    assert str(foreign) in line and "not a finetune run" in line, line
+    assert snapshot(foreign) == before
+
+
+DAMAGED_RECORDS = {"garbage": b"\x00\x01garbage{", "truncated": b'{"overrides": ["seed=1"', "wrong shape": b"[1, 2]",
+                   "overrides not a list": b'{"overrides": "seed=1", "finished": false}'}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_RECORDS)
+def test_a_damaged_run_record_is_refused_before_hydra_writes(damage, tmp_path):
+    """prepare_argv runs before Hydra writes anything into the dir."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "run.json").write_bytes(DAMAGED_RECORDS[damage])
+    before = snapshot(tmp_path)
+    for argv in (["train.py", f"resume={tmp_path}"], ["train.py", "seed=1", f"hydra.run.dir={tmp_path}"]):
+        with pytest.raises(FinetuneError) as info:
+            prepare_argv(argv, environ={})
+        message = str(info.value)
+        assert "\n" not in message and f"{tmp_path / 'run.json'} is damaged" in message
+        assert f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in message
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", DAMAGED_RECORDS)
-def test_a_damaged_run_record_is_one_line_naming_it_and_what_to_do(damage, finished_run, tmp_path):
+def test_a_damaged_run_record_is_one_line_and_the_run_dir_is_unchanged(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    (run_dir / "run.json").write_bytes(DAMAGED_RECORDS[damage])
+    (run_dir / "run.json").write_bytes(DAMAGED_RECORDS["garbage"])
     before = snapshot(run_dir)
-    for args in ([f"resume={run_dir}"], [*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"]):
-        line = one_error_line(run_cli("train.py", *args, cwd=tmp_path, timeout=300))
-        assert f"{run_dir / 'run.json'} is damaged" in line and "ckpt_path=" in line, line
-        assert snapshot(run_dir) == before
+    line = one_error_line(run_cli("train.py", f"resume={run_dir}", cwd=tmp_path, timeout=300))
+    assert f"{run_dir / 'run.json'} is damaged" in line and "ckpt_path=" in line, line
+    assert snapshot(run_dir) == before
 
 
 def _truncate(path: Path) -> None:
