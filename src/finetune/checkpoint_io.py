@@ -23,6 +23,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from finetune.cache_lock import remove_leftovers
+from finetune.output_errors import tensor_bytes, writing
 from finetune.safe_checkpoint import load_checkpoint, refusing_code
 
 TEMP_SUFFIX = ".tmp"  # not .ckpt: nothing that looks for checkpoints takes a half-written one
@@ -51,19 +52,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         target = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # One process writes a run's checkpoints, so temp files of this name are from killed saves.
-        remove_leftovers(target.parent, f".{target.name}.", TEMP_SUFFIX)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-        try:
-            with open(tmp, "xb") as f:  # the umask's permissions, as Lightning's own file would get
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        # A full disk or a read-only folder is one line naming the file; the previous one stays.
+        with writing(target, needed=tensor_bytes(checkpoint)):
+            _save_atomically(checkpoint, target)
+
+
+def _save_atomically(checkpoint: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process writes a run's checkpoints, so temp files of this name are from killed saves.
+    remove_leftovers(target.parent, f".{target.name}.", TEMP_SUFFIX)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:  # the umask's permissions, as Lightning's own file would get
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
