@@ -18,7 +18,6 @@ import torch
 
 from conftest import ROOT, run_cli
 from finetune.errors import FinetuneError
-from finetune.output_errors import check_writable
 
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.native_size=32",
         "data.image_size=32", "data.resize_size=32", "data.batch_size=8", "model.name=timm:test_resnet",
@@ -43,6 +42,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_a_path_under_a_regular_file_is_one_line_naming_it(tmp_path):
+    from finetune.output_errors import check_writable
+
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder")
     with pytest.raises(FinetuneError) as info:
