@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from finetune.data.shapes import write_image_folder
 from finetune.errors import FinetuneError
 
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.native_size=32",
@@ -58,7 +59,8 @@ def test_predict_and_export_to_an_unwritable_path_are_one_line(script, run, tmp_
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder")
     output = blocker / ("predictions.csv" if script == "predict.py" else "model.pt")
-    extra = [f"input={run.parent / 'data'}"] if script == "predict.py" else ["format=torchscript"]
+    images = write_image_folder(tmp_path / "images", {"test": 1}, size=32)
+    extra = [f"input={images}"] if script == "predict.py" else ["format=torchscript"]
     line = one_error_line(run_cli(script, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"output={output}",
                                   *extra, f"hydra.run.dir={tmp_path / 'out'}"))
     assert f"cannot write {output} ({blocker} is a file, not a folder)" in line, line
