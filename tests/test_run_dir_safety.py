@@ -197,3 +197,14 @@ def test_a_second_process_in_a_run_dir_refuses_and_a_killed_ones_lock_is_gone(tm
                     "trainer.max_epochs=1", "resume=never", "test=false", cwd=tmp_path, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     assert (run_dir / ".finetune.lock").read_text().strip() != str(first.pid)
+
+
+def test_a_damaged_checkpoint_given_as_ckpt_path_is_one_line_before_training(make_cfg, tmp_path):
+    from finetune.train import train
+
+    bad = tmp_path / "given.ckpt"
+    bad.write_bytes(b"PK\x03\x04 the first bytes of a zip, then nothing")
+    with pytest.raises(FinetuneError) as info:
+        train(make_cfg([*TINY, "trainer.max_epochs=1", f"ckpt_path={bad}"]))
+    assert str(info.value).startswith(f"ckpt_path={bad} cannot be resumed from (truncated, or not a checkpoint)")
+    assert not (tmp_path / "checkpoints").exists()
