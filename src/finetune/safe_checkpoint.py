@@ -44,7 +44,7 @@ _GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 def offending_global(path: str | Path, error: BaseException) -> str | None:
-    """The first global the file names that the weights-only unpickler refuses, else None.
+    """The globals the file names that the weights-only unpickler refuses (comma-separated), else None.
 
     torch's own scan of the pickle's opcodes (nothing is executed) names them all; the error
     message is the fallback for a file the scan cannot read."""
@@ -53,7 +53,7 @@ def offending_global(path: str | Path, error: BaseException) -> str | None:
     except Exception:  # noqa: BLE001  a file the scan cannot read: the error message still names it
         names = []
     if names:
-        return names[0]
+        return ", ".join(sorted(set(names)))
     found = _GLOBAL.search(str(error))
     return found.group(1) if found else None
 
