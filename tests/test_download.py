@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from finetune.data.download import safe_extract_zip
 from finetune.data.hotdog import HotdogDataModule, fetch_hotdog
 from finetune.data.shapes import write_image_folder
 from finetune.errors import FinetuneError
@@ -69,3 +71,35 @@ def test_unreachable_server_names_the_url_and_the_fix(tmp_path):
     with pytest.raises(FinetuneError, match="could not download http://127.0.0.1:9/hotdog.zip"):
         fetch_hotdog(tmp_path, url="http://127.0.0.1:9/hotdog.zip")
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []  # lock files stay
+
+
+def _special_member(name: str, file_type: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (file_type | 0o777) << 16  # how Info-ZIP stores a Unix file type
+    return info
+
+
+SPECIAL = {
+    "symlink to an absolute path": (stat.S_IFLNK, b"/etc/passwd"),
+    "symlink up the tree": (stat.S_IFLNK, b"../../../../outside"),
+    "symlink inside the folder": (stat.S_IFLNK, b"../hotdog/1.png"),
+    "named pipe": (stat.S_IFIFO, b""),
+    "character device": (stat.S_IFCHR, b""),
+}
+
+
+@pytest.mark.parametrize("kind", SPECIAL)
+def test_a_member_that_is_a_link_or_special_file_is_refused_in_one_line(kind, tmp_path):
+    """zipfile would write a symlink member as a file holding the link's target path; a tool that
+    honours the mode would create a link that later writes go through. Both are refused."""
+    archive = tmp_path / "hotdog.zip"
+    make_hotdog_zip(archive, tmp_path)
+    file_type, content = SPECIAL[kind]
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(_special_member("hotdog/train/hotdog/evil.png", file_type), content)
+    target = tmp_path / "out"
+    with pytest.raises(FinetuneError) as info:
+        safe_extract_zip(archive, target)
+    message = str(info.value)
+    assert "\n" not in message and "evil.png" in message and str(archive) in message and "not a file" in message
+    assert not target.exists() or not any(target.rglob("*"))

@@ -204,8 +204,10 @@ def test_a_resumed_optuna_study_does_not_reuse_a_finished_trials_dir(tmp_path):
 
 
 def test_prepare_argv_replays_a_run_dirs_overrides_under_the_command_lines(tmp_path):
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "overrides.yaml").write_text("- model=resnet34\n- trainer.max_epochs=2\n- seed=3\n")
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"overrides": ["model=resnet34", "trainer.max_epochs=2", "seed=3"], "finished": False}))
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}, "loops": {}}, tmp_path / "checkpoints" / "last.ckpt")
     argv = prepare_argv(["train.py", f"resume={tmp_path}", "trainer.max_epochs=5", "-cn", "train"], environ={})
     assert argv == ["train.py", "-cn", "train", "model=resnet34", "seed=3", "trainer.max_epochs=5",
                     f"resume={tmp_path}", f"hydra.run.dir={tmp_path}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -288,3 +289,24 @@ def test_a_run_killed_mid_epoch_resumes_from_streaming_data_to_the_same_metrics(
     resumed = _finished(_resume_run(run_dir, tmp_path / "set", f"ckpt_path={last}", "resume=never"), run_dir)
     for key in ("test/acc", "test/loss", "val/loss", "val/acc", "last_epoch/train/loss_epoch"):
         assert resumed[key] == alone[key], (key, resumed, alone)
+
+
+DAMAGED_INDEX = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "not an index": lambda data: b'{"format": 1}',
+    "binary": lambda data: b"\x00\xff" * 16,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_INDEX)
+def test_a_damaged_index_is_one_line_naming_it_and_the_rebuild_command(damage, converted, tmp_path):
+    copy = tmp_path / "set"
+    shutil.copytree(converted, copy)
+    index = copy / "train" / "index.json"
+    index.write_bytes(DAMAGED_INDEX[damage](index.read_bytes()))
+    with pytest.raises(FinetuneError) as info:
+        train(compose_train(_streaming(copy, "test=false"), tmp_path / "run"))
+    message = str(info.value)
+    assert "\n" not in message and f"{index} is damaged" in message
+    assert f"python -m finetune.optimize data=<source> output={copy}" in message

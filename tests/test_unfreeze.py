@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
+from conftest import compose_train
 from finetune.callbacks.time_budget import TimeBudget
 from finetune.train import build
 from test_finetuning import TINY, changed, snapshot
-from conftest import compose_train
 from test_lp_ft import LP_FT, BatchKinds
 from test_streaming import _streaming, converted, folder  # noqa: F401 (fixtures)
 
@@ -206,7 +206,7 @@ def test_a_time_budget_plans_whole_epochs_and_the_schedule_ends_with_them(make_c
 
 
 @pytest.mark.slow  # converts a data set, then trains two epochs
-def test_lp_ft_on_streaming_data_trains_stage_one_on_cached_features(converted, tmp_path):
+def test_lp_ft_on_streaming_data_trains_stage_one_on_cached_features(converted, tmp_path):  # noqa: F811
     """One loader path: the streaming data module asks the strategy's stand-in too."""
     cfg = compose_train(_streaming(converted, "finetune=lp_ft", "finetune.callback.lp_epochs=1", "trainer.max_epochs=2",
                                    "test=false", f"finetune.callback.cache_dir={tmp_path / 'features'}"), tmp_path)

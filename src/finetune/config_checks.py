@@ -28,8 +28,44 @@ def _require(cfg: DictConfig, key: str, ok, valid: str, integer: bool = False) -
     value = _value(cfg, key)
     if value is None:
         return
+    if isinstance(value, str):
+        raise FinetuneError(f"{key}={value!r} is a string, not a number{_as_text_hint(key, value)}; use {valid}")
     if not _is_number(value) or (integer and int(value) != value) or not ok(value):
         raise FinetuneError(f"{key}={value} is out of range; use {valid}")
+
+
+def _as_text_hint(key: str, value: str) -> str:
+    """A quoted number (`'model.optimizer.lr="1e-3"'`, `lr: "1e-3"` in a YAML file) is text."""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return f" (quoted: write {key}={value.strip()} without quotes)"
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Choices that would otherwise fail, or silently do nothing, only after the whole fit."""
+    from finetune.models.classifier import TTA_VIEWS
+
+    tta = cfg.get("tta")
+    if tta not in TTA_VIEWS:
+        raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
+    why = _no_validation(cfg) if cfg.get("calibrate") else None
+    if why:
+        raise FinetuneError(f"calibrate=true fits the temperature on the validation batches, but this run "
+                            f"validates none ({why}); give it validation batches or set calibrate=false")
+
+
+def _no_validation(cfg: DictConfig) -> str | None:
+    """Why the trainer runs no validation batch at all, or None (Lightning's limit_val_batches and
+    check_val_every_n_epoch; runs bounded by max_steps are left to Lightning)."""
+    limit = _value(cfg, "trainer.limit_val_batches")
+    if _is_number(limit) and limit == 0:
+        return f"trainer.limit_val_batches={limit}"
+    every, epochs = _value(cfg, "trainer.check_val_every_n_epoch"), _value(cfg, "trainer.max_epochs")
+    if _is_number(every) and _is_number(epochs) and epochs >= 1 and every > epochs:
+        return f"trainer.check_val_every_n_epoch={every} > trainer.max_epochs={epochs}"
+    return None
 
 
 def check_numbers(cfg: DictConfig) -> None:

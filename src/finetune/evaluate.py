@@ -68,7 +68,7 @@ def per_class_table(views: ConfusionMatrix) -> Table:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test `cfg.ckpt_path` on `cfg.data` (or the run's data); returns the test metrics."""
     check_numbers(cfg)
-    model = load_classifier(cfg.ckpt_path)
+    model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     model.set_tta(cfg.get("tta"))
     datamodule = hydra.utils.instantiate(cfg.data if cfg.get("data") else training_data_config(cfg.ckpt_path))
     if list(datamodule.classes) != list(model.class_names):

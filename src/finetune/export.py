@@ -24,6 +24,7 @@ from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import FORMATS, export_model, run_exported
+from finetune.output_errors import check_writable, writing
 from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
@@ -60,7 +61,8 @@ def export(cfg: DictConfig) -> dict:
     for path in (target, described):
         if path.exists():
             raise FinetuneError(f"{path} exists; pass another output=PATH or move the file away")
-    model = load_classifier(cfg.ckpt_path)
+    check_writable(target)  # before any work: a read-only or misspelt path is one line
+    model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     p = model.preprocessing
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(cfg.sample_batch_size, 3, p.crop_size, p.crop_size, generator=generator)
@@ -72,8 +74,9 @@ def export(cfg: DictConfig) -> dict:
     with torch.no_grad():
         expected = model(check) / temperature
     model.fold_temperature()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, cfg.format, target, sample)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        export_model(model, cfg.format, target, sample)
     got = run_exported(cfg.format, target, check)
     max_diff = float((got - expected).abs().max())
     passed = bool(torch.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol))
@@ -104,7 +107,8 @@ def export(cfg: DictConfig) -> dict:
                    "batch_size": len(check), "against": f"PyTorch {torch.__version__}",
                    "inputs": str(cfg.check_input) if cfg.get("check_input") else "random normal"},
     }
-    described.write_text(json.dumps(info, indent=2) + "\n")
+    with writing(described):
+        described.write_text(json.dumps(info, indent=2) + "\n")
     verdict = "passed" if passed else "FAILED"
     print(f"wrote {target} and {described.name}")
     print(f"parity check {verdict}: max |exported - pytorch| = {max_diff:.2e} on {len(check)} "

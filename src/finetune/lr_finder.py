@@ -9,11 +9,7 @@ still apply on top), and the loss-vs-rate curve goes to TensorBoard (IMAGES, `lr
 from __future__ import annotations
 
 import logging
-import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -24,37 +20,18 @@ from finetune.callbacks.grid import tensorboard
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
-NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-
-
-@contextmanager
-def _full_reload_of_own_checkpoint() -> Iterator[None]:
-    """The finder reloads the checkpoint it has just written without `weights_only=False`, and
-    torch's weights-only unpickler refuses the Hydra partials (optimizer) in its hparams."""
-    previous = os.environ.get(NO_WEIGHTS_ONLY)
-    os.environ[NO_WEIGHTS_ONLY] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=f".*{NO_WEIGHTS_ONLY}")
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(NO_WEIGHTS_ONLY, None)
-        else:
-            os.environ[NO_WEIGHTS_ONLY] = previous
 
 
 def tune_learning_rate(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
                        save_dir: str | Path | None = None, **lr_find_args) -> float | None:
     """Run the range test, apply and return its suggestion (None: no suggestion, nothing changed)."""
-    factory = model.hparams.get("optimizer")
-    if not isinstance(factory, partial):
+    factory = model.hparams.get("optimizer")  # its config dict (finetune.models.factory_config)
+    if not isinstance(factory, Mapping) or "lr" not in factory:
         raise FinetuneError("tune_lr=true needs model.optimizer as a config with _partial_: true and an lr")
     max_epochs = trainer.fit_loop.max_epochs
     trainer.fit_loop.max_epochs = -1  # the search is bounded by its batch count, not by max_epochs
     try:
-        with _full_reload_of_own_checkpoint():
-            finder = Tuner(trainer).lr_find(model, datamodule=datamodule, update_attr=False, **lr_find_args)
+        finder = Tuner(trainer).lr_find(model, datamodule=datamodule, update_attr=False, **lr_find_args)
     finally:
         trainer.fit_loop.max_epochs = max_epochs
     if finder is None:  # fast_dev_run: Lightning skips the search
@@ -72,10 +49,10 @@ def tune_learning_rate(trainer: L.Trainer, model: L.LightningModule, datamodule:
             writer.add_scalar("lr_finder/suggestion", suggestion, global_step=0)
     if not suggestion:
         log.warning("lr finder: no suggestion (too few batches or a flat loss); keeping lr=%s",
-                    factory.keywords.get("lr"))
+                    factory.get("lr"))
         return None
-    previous = factory.keywords.get("lr")
-    factory.keywords["lr"] = suggestion  # in place: Hydra's partial keeps its type and target checks
+    previous = factory.get("lr")
+    factory["lr"] = suggestion  # in place: configure_optimizers builds the optimizer from this config
     if trainer.is_global_zero:
         print(f"lr finder: suggested learning rate {suggestion:.3g} (was {previous}); using it")
     return suggestion

@@ -22,6 +22,7 @@ from finetune.config_source import CONFIG_PATH
 from finetune.data.image_files import ImageFilesData, find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
+from finetune.output_errors import check_writable, writing
 from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
 
 log = logging.getLogger("finetune")
@@ -42,7 +43,8 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     output = Path(cfg.output)
     if output.exists():
         raise FinetuneError(f"output={output} exists; pass another output=PATH or move the file away")
-    model = load_classifier(cfg.ckpt_path)
+    check_writable(output)  # before any work: a read-only or misspelt path is one line
+    model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     model.set_tta(cfg.get("tta"))
     files = find_files(cfg.input)
     p = model.preprocessing
@@ -54,7 +56,8 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     writer = PredictionWriter(output, top_k=cfg.top_k)
     resolve_speed_settings(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=False)
-    trainer.predict(model, datamodule=inputs, return_predictions=False)
+    with writing(output):  # a full disk mid-way: one line naming the file
+        trainer.predict(model, datamodule=inputs, return_predictions=False)
 
     console = Console()
     console.print(summary(writer))
@@ -62,7 +65,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     console.print(f"predicted labels: {counts or 'none'}")
     if writer.skipped:
         skipped_csv = output.with_name("skipped.csv")
-        with open(skipped_csv, "w", newline="") as f:
+        with writing(skipped_csv), open(skipped_csv, "w", newline="") as f:
             csv.writer(f).writerows([("path", "reason"), *writer.skipped])
         console.print(f"skipped {len(writer.skipped)} unreadable file(s) (listed in {skipped_csv}):")
         for path, reason in writer.skipped:

@@ -21,13 +21,15 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from finetune import run_lock
+from finetune.distributed import is_global_zero
 from finetune.errors import FinetuneError
+from finetune.safe_checkpoint import LOAD_ERRORS, load_checkpoint
 
 log = logging.getLogger("finetune")
 
@@ -77,15 +79,18 @@ def task_overrides(args: Sequence[str]) -> list[str]:
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
-    """The overrides RUN_DIR's run was started with: its own record, else Hydra's copy."""
-    record = read_record(run_dir)
-    if record is not None:
-        return list(record["overrides"])
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    if not saved_file.is_file():
-        raise FinetuneError(f"resume={run_dir}: no run there ({saved_file} is missing); "
+    """The overrides RUN_DIR's run was started with, from its own record. A dir without one is not
+    a run of this project (another tool's Hydra run, a partial copy): refused before anything is
+    written there (Hydra would rewrite its `.hydra/` and append to its logs)."""
+    if not run_dir.is_dir():
+        raise FinetuneError(f"resume={run_dir}: no run there ({run_dir} is not a folder); "
                             f"pass the run dir of a training run, e.g. outputs/<date>/<time>")
-    return list(yaml.safe_load(saved_file.read_text()) or [])
+    record = read_record(run_dir)
+    if record is None:
+        raise FinetuneError(f"resume={run_dir}: not a finetune run ({run_dir / RUN_RECORD} is missing: another "
+                            "tool's run, or a partial copy); nothing was written there. Pass the run dir of a "
+                            "finetune training run, or continue a checkpoint in a new dir with ckpt_path=PATH")
+    return list(record["overrides"])
 
 
 def prepare_argv(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -102,14 +107,28 @@ def prepare_argv(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -
         given = [a for a in task_overrides(args) if override_key(a) != "resume"]
         rest = [a for a in args if a not in given and override_key(a) not in ("resume", "hydra.run.dir")]
         merged = merge_overrides([o for o in saved_overrides(run_dir) if override_key(o) != "resume"], given)
+        decide_start(run_dir, merged, str(run_dir), trust=_trusted(args), warn=False)  # before Hydra writes
+        _hold(run_dir)
         return [argv[0], *rest, *merged, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
     run_dir = _value_of(args, "hydra.run.dir")
     if run_dir is not None and "${" not in run_dir:
-        decide_start(Path(run_dir), task_overrides(args), resume or "auto")
+        decide_start(Path(run_dir), task_overrides(args), resume or "auto", trust=_trusted(args), warn=False)
+        _hold(Path(run_dir))
     job = slurm_job_dir_name(environ)
     if job and run_dir is None:
         return [*argv, f"hydra.run.dir=${{paths.log_dir}}/slurm/{job}"]
     return list(argv)
+
+
+def _trusted(args: Sequence[str]) -> bool:
+    return str(_value_of(args, "trust_checkpoint")).lower() in ("true", "1", "yes")
+
+
+def _hold(run_dir: Path) -> None:
+    """Lock a known run dir before Hydra writes into it, for the life of this process (rank zero:
+    the other ranks of a DDP run re-run this command line)."""
+    if is_global_zero():
+        run_lock.hold(run_dir)
 
 
 @dataclass(frozen=True)
@@ -130,9 +149,64 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
 
 
+def resumable_checkpoint(run_dir: Path, trust: bool = False, warn: bool = True) -> Path | None:
+    """The newest checkpoint of the run dir that can be resumed from (`newest_checkpoint`'s order).
+
+    A truncated or damaged one (a kill mid-copy, a full disk) is skipped with a warning naming it
+    and the one used instead, and is left as it is; none readable is one line. A file that would
+    run code is refused (finetune.safe_checkpoint), never skipped."""
+    found = [p for p in (*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob(HPC_CHECKPOINTS)) if p.is_file()]
+    found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+    unreadable: list[str] = []
+    for path in found:
+        why = checkpoint_problem(path, trust)
+        if why is None:
+            if unreadable and warn:
+                log.warning("resume: %s unreadable; resuming from %s, the newest readable checkpoint (the "
+                            "unreadable files are left as they are)", "; ".join(unreadable), path)
+            return path
+        unreadable.append(f"{path} ({why})")
+    if unreadable:
+        raise FinetuneError(f"{run_dir} has no readable checkpoint ({'; '.join(unreadable)}); nothing was changed: "
+                            f"start the run again in another dir, or put a good checkpoint in {run_dir / 'checkpoints'}")
+    return None
+
+
+def checkpoint_problem(path: Path, trust: bool = False) -> str | None:
+    """Why `path` cannot be resumed from (truncated, damaged, not a training checkpoint), or None.
+
+    torch.save writes a zip whose directory is at its end, so a truncated file is not a zip; the
+    tensors are memory-mapped, not read, so the check costs milliseconds."""
+    if not zipfile.is_zipfile(path):
+        return "truncated, or not a checkpoint"
+    try:
+        checkpoint = load_checkpoint(path, trust=trust)
+    except LOAD_ERRORS as e:
+        return " ".join(str(e).split())[:160] or type(e).__name__
+    if not isinstance(checkpoint, dict) or not {"state_dict", "loops"} <= checkpoint.keys():
+        return "not a training checkpoint: no state_dict or loops"
+    return None
+
+
 def read_record(run_dir: Path) -> dict | None:
+    """The run dir's record (which command it holds, whether it finished); None if it has none; a
+    damaged one is one line, never a guess (a guess could continue or skip the wrong run)."""
     path = run_dir / RUN_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+        valid = (isinstance(record, dict) and isinstance(record.get("finished"), bool)
+                 and isinstance(record.get("overrides"), list) and all(isinstance(o, str) for o in record["overrides"]))
+        why = None if valid else "not a run record: no overrides list and finished flag"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not JSON: {e}"
+    if why:
+        newest = newest_checkpoint(run_dir)
+        raise FinetuneError(f"{path} is damaged ({why}); it says which command {run_dir} holds: restore it, or "
+                            f"continue in a new run dir with ckpt_path={newest or 'PATH.ckpt'} and the run's overrides "
+                            f"(.hydra/overrides.yaml); nothing was changed")
+    return record
 
 
 def write_record(run_dir: Path, overrides: Sequence[str], finished: bool) -> None:
@@ -144,8 +218,10 @@ def write_record(run_dir: Path, overrides: Sequence[str], finished: bool) -> Non
     os.replace(tmp, run_dir / RUN_RECORD)
 
 
-def decide_start(run_dir: Path, overrides: Sequence[str], resume: str | None) -> Start:
-    """Where this run starts, from what `run_dir` holds and `resume` (auto, never, or a run dir)."""
+def decide_start(run_dir: Path, overrides: Sequence[str], resume: str | None, trust: bool = False,
+                 warn: bool = True) -> Start:
+    """Where this run starts, from what `run_dir` holds and `resume` (auto, never, or a run dir);
+    `warn`: log a checkpoint skipped as unreadable (once per run: prepare_argv asks first, silently)."""
     mode = "never" if resume in (None, False, "never", "null", "false") else str(resume)
     if mode == "never":
         return Start()
@@ -159,7 +235,7 @@ def decide_start(run_dir: Path, overrides: Sequence[str], resume: str | None) ->
             f"resume=never, or choose another hydra.run.dir")
     if same and record["finished"]:
         return Start(finished=True)
-    ckpt = newest_checkpoint(run_dir)
+    ckpt = resumable_checkpoint(run_dir, trust, warn) if (same or explicit) else None
     if explicit and ckpt is None:
         raise FinetuneError(f"resume={mode}: {run_dir} has no checkpoint to continue from; "
                             f"start it again without resume=")

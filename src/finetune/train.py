@@ -11,21 +11,28 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
+from finetune import run_lock
 from finetune.callbacks.param_counts import ParameterCounts
 from finetune.callbacks.time_budget import TimeBudget
-from finetune.config_checks import check_input_size, check_numbers
+from finetune.config_checks import check_input_size, check_numbers, check_options
 from finetune.config_source import CONFIG_PATH
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
 from finetune.hparams_view import FIT_TIME
 from finetune.lr_finder import tune_learning_rate
 from finetune.requeue import RequeueOnSignal
-from finetune.resume import METRICS, Start, decide_start, prepare_argv, write_record
+from finetune.resume import (
+    METRICS,
+    Start,
+    checkpoint_problem,
+    decide_start,
+    prepare_argv,
+    write_record,
+)
 from finetune.runtime import (
     instantiate_all,
     log_hyperparameters,
@@ -34,6 +41,7 @@ from finetune.runtime import (
     resolve_speed_settings,
     user_errors_as_one_line,
 )
+from finetune.safe_checkpoint import load_checkpoint
 
 log = logging.getLogger("finetune")
 # metrics.json: the values of the fit's last epoch, kept apart from the tested checkpoint's val/* and test/*.
@@ -96,7 +104,7 @@ def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
     """A resumed run logs into the same TensorBoard run; steps the stopped run logged after its
     checkpoint are logged again, so TensorBoard is told to hide the stale ones (SummaryWriter's
     purge_step) and each step shows once."""
-    loop = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["loops"]["fit_loop"]
+    loop = load_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint")))["loops"]["fit_loop"]
     step = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
     batches = loop.get("epoch_loop.batch_progress", {}).get("current", {})
     if batches.get("processed", 0) > batches.get("completed", 0):
@@ -111,11 +119,11 @@ def keep_tuned_lr(model: L.LightningModule, ckpt_path: str | Path) -> None:
     """`tune_lr=true` on resume: the optimizer restored from the checkpoint keeps the rate the run
     found, so no new search runs (it could only claim to apply its suggestion); the model's
     optimizer config takes the checkpoint's rate, so later checkpoints say what trains."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-    lr = getattr(saved.get("optimizer"), "keywords", {}).get("lr")
+    saved = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+    lr = (saved.get("optimizer") or {}).get("lr")  # the optimizer's config (finetune.models.factory_config)
     factory = model.hparams.get("optimizer")
-    if lr is not None and hasattr(factory, "keywords"):
-        factory.keywords["lr"] = lr
+    if lr is not None and isinstance(factory, dict):
+        factory["lr"] = lr
     log.info("tune_lr=true: the learning-rate finder is not run on resume; the optimizer restored from %s "
              "keeps its learning rate (%s)", ckpt_path, lr)
 
@@ -124,10 +132,15 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     """Fit and test as `cfg` says, continuing from `ckpt_path` (or `cfg.ckpt_path`) when given;
     returns the final metrics (the sweeper's objective among them)."""
     check_numbers(cfg)
+    check_options(cfg)
     ckpt_path = ckpt_path or cfg.get("ckpt_path")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if ckpt_path:
+        problem = checkpoint_problem(Path(ckpt_path), trust=bool(cfg.get("trust_checkpoint")))
+        if problem:
+            raise FinetuneError(f"ckpt_path={ckpt_path} cannot be resumed from ({problem}); pass a checkpoint "
+                                "written by train.py (RUN_DIR/checkpoints/*.ckpt)")
         continue_tensorboard_at(cfg, ckpt_path)
     datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
     if ckpt_path and hasattr(datamodule, "resume_split_from"):
@@ -137,9 +150,10 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     elif cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
-    # Resuming reads our own checkpoint, whose hparams hold the optimizer partials (pickled).
+    # Checkpoints are data (finetune.safe_checkpoint): read with the weights-only unpickler.
+    weights_only = not cfg.get("trust_checkpoint")
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
     fit_time = time.perf_counter() - started  # this process's fit (a resumed run: since resuming)
     for lg in trainer.loggers:
         lg.log_metrics({FIT_TIME: fit_time}, step=trainer.global_step)
@@ -152,7 +166,7 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if not best:
             log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
         model.set_tta(cfg.get("tta"))
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         if best:
             log.info("best checkpoint: %s", best)
@@ -182,7 +196,7 @@ def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
     if not best:
         metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val/")})
         return metrics
-    saved = torch.load(best, map_location="cpu", weights_only=False, mmap=True).get("val_metrics")
+    saved = load_checkpoint(best).get("val_metrics")
     if saved is None:
         log.warning("%s predates saved validation metrics: metrics.json has the last epoch's (last_epoch/val/*) "
                     "but no val/* for the tested checkpoint", best)
@@ -193,11 +207,19 @@ def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
 
 def train_or_resume(cfg: DictConfig) -> dict[str, float]:
     """`train` in the run dir as `cfg.resume` and the dir's own record say: afresh, from the dir's
-    newest checkpoint, or not at all when this run already finished there."""
+    newest readable checkpoint, or not at all when this run already finished there. Rank zero holds
+    the run dir's lock throughout (finetune.run_lock): one training process per run dir."""
     run_dir = Path(cfg.paths.output_dir)
+    if not is_global_zero():
+        return _train_or_resume(cfg, run_dir)
+    with run_lock.locked(run_dir):
+        return _train_or_resume(cfg, run_dir)
+
+
+def _train_or_resume(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     start = Start(ckpt_path=Path(cfg.ckpt_path)) if cfg.get("ckpt_path") else \
-        decide_start(run_dir, overrides, cfg.get("resume"))
+        decide_start(run_dir, overrides, cfg.get("resume"), trust=bool(cfg.get("trust_checkpoint")))
     if start.finished:
         log.info("%s: this run already finished (its metrics: %s); nothing to train. Train more with "
                  "resume=%s trainer.max_epochs=N, or again with resume=never", run_dir, run_dir / METRICS, run_dir)

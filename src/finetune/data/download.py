@@ -1,7 +1,8 @@
 """Download with a checksum, and extract zips without letting a member escape its folder.
 
 torchvision's helpers check MD5 only and silently rewrite `../` members; the hot-dog archive is
-published with a SHA-1, and a hostile member name should be refused, not rewritten. Downloads hold
+published with a SHA-1, and a hostile member (a name that escapes, a symlink) should be refused,
+not rewritten. Downloads hold
 the file's lock (`finetune.cache_lock`): jobs of a sweep fetching the same file fetch it once.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -69,8 +71,23 @@ def _fetch(url: str, dest: Path, sha1: str | None) -> Path:
     return dest
 
 
+def _member_kind(member: zipfile.ZipInfo) -> str | None:
+    """What a member is when it is not a plain file or folder: a symlink (which would point
+    anywhere once extracted), a hard link, device or pipe; None for files and folders. The Unix
+    file type sits in the top bits of `external_attr` (0 for archives made on Windows: files)."""
+    mode = member.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if kind in (0, stat.S_IFREG, stat.S_IFDIR):
+        return None
+    names = {stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device",
+             stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+    return names.get(kind, f"a special file (mode {oct(kind)})")
+
+
 def safe_extract_zip(archive: Path, target: Path) -> None:
-    """Extract every member under `target`, refusing absolute paths and `..` components."""
+    """Extract every member under `target`, refusing absolute paths, `..` components, and members
+    that are not plain files or folders (symlinks and links: zipfile would write a link's target
+    path as the file's bytes, and a tool that honours it would write through it)."""
     target = target.resolve()
     with zipfile.ZipFile(archive) as zf:
         for member in zf.infolist():
@@ -80,4 +97,8 @@ def safe_extract_zip(archive: Path, target: Path) -> None:
                 raise FinetuneError(
                     f"refusing to extract {archive}: member {name!r} would land outside {target}"
                 )
+            kind = _member_kind(member)
+            if kind is not None:
+                raise FinetuneError(f"refusing to extract {archive}: member {name!r} is {kind}, not a file; "
+                                    "only plain files and folders are extracted (check where the archive came from)")
         zf.extractall(target)

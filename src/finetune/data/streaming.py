@@ -174,6 +174,26 @@ def read_metadata(input_dir: str) -> dict[str, Any]:
     return meta
 
 
+def check_index(index: str, data: bytes, input_dir: str) -> None:
+    """LitData's index.json (its chunks and their layout) parsed and shaped as LitData reads it; a
+    damaged one (truncated, edited, another file) is one line naming it and the command that
+    rebuilds it, not a traceback from inside a loader worker."""
+    try:
+        parsed = json.loads(data)
+        why = None if isinstance(parsed, dict) else "not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        parsed, why = None, f"not JSON: {e}"
+    if why is None:
+        chunks, config = parsed.get("chunks"), parsed.get("config")
+        if not isinstance(chunks, list) or not chunks or not all(isinstance(c, dict) and "filename" in c for c in chunks):
+            why = "no list of chunks"
+        elif not isinstance(config, dict) or "data_format" not in config:
+            why = "no chunk layout (config.data_format)"
+    if why:
+        raise FinetuneError(f"{index} is damaged ({why}); rebuild the converted data with "
+                            f"{CONVERT.format(uri=input_dir)} (into a new folder, or after removing this one)")
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Stored JPEG bytes as 8-bit RGB (stored upright and in RGB already)."""
     with Image.open(io.BytesIO(data)) as image:
@@ -303,7 +323,9 @@ class StreamingDataModule(ImageDataModule):
         index = join(self.input_dir, split, "index.json")
         missing = (f"{index} is missing: the conversion into {self.input_dir} did not finish; "
                    f"run {CONVERT.format(uri=self.input_dir)} again")
-        digest = hashlib.sha256(read_bytes(index, missing)).hexdigest()
+        data = read_bytes(index, missing)
+        check_index(index, data, self.input_dir)
+        digest = hashlib.sha256(data).hexdigest()
         return StreamingSplit(self.input_dir, split, int(size), transform, self.cache_dir, digest)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from finetune.errors import FinetuneError
+from finetune.safe_checkpoint import load_checkpoint
 
 log = logging.getLogger("finetune")
 VERSION = 1
@@ -117,7 +118,7 @@ def stored_in_checkpoint(ckpt_path: str | os.PathLike | None, key: str) -> dict[
     """The split record saved in `ckpt_path` under the data module's state key `key`, if any."""
     if not ckpt_path or not Path(ckpt_path).is_file():
         return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint(ckpt_path)
     return (checkpoint.get(key) or {}).get(KEY)
 
 

@@ -2,7 +2,8 @@
 
 The checkpoint's hyperparameters already hold the architecture, class names and preprocessing;
 `weights=None` stops the backbone factory from fetching ImageNet weights that the checkpoint's own
-state dict replaces anyway, so reloading works offline. Checkpoints are pickles: load your own.
+state dict replaces anyway, so reloading works offline. Files are read with torch's weights-only
+unpickler (finetune.safe_checkpoint): a checkpoint that would run code is refused.
 
 Only "this file is not one of our checkpoints" is a user error. The file is checked on its own
 first (`read_checkpoint`: a narrow `try` around `torch.load` and nothing else, then a look at its
@@ -17,10 +18,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from finetune.errors import FinetuneError
 from finetune.models.classifier import ImageClassifier
+from finetune.safe_checkpoint import load_checkpoint
 
 HINT = "pass ckpt_path=PATH to a .ckpt written by train.py (outputs/<date>/<time>/checkpoints/)"
 # What torch.load raises for a file it cannot unpickle: a damaged archive (RuntimeError from the
@@ -36,7 +36,7 @@ def _not_ours(ckpt: Path, why: str) -> FinetuneError:
     return FinetuneError(f"checkpoint {ckpt} is not a readable finetune checkpoint ({why}); {HINT}")
 
 
-def read_checkpoint(ckpt: Path) -> dict[str, Any]:
+def read_checkpoint(ckpt: Path, trust: bool = False) -> dict[str, Any]:
     """The checkpoint dict at `ckpt`, or a FinetuneError saying why it is not one of ours.
 
     Lightning writes zip archives (torch.save's format), so a file that is not a complete zip is
@@ -46,7 +46,7 @@ def read_checkpoint(ckpt: Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(ckpt):
         raise _not_ours(ckpt, "not a complete torch.save archive: truncated, or not a checkpoint")
     try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_checkpoint(ckpt, trust=trust)  # a file that would run code: refused, one line
     except _LOAD_ERRORS as e:
         raise _not_ours(ckpt, " ".join(str(e).split())[:200] or type(e).__name__) from e
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -61,13 +61,15 @@ def read_checkpoint(ckpt: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_classifier(path: str | Path, map_location: str = "cpu") -> ImageClassifier:
-    """The ImageClassifier saved at `path`, in eval mode; a missing or unreadable file is a user error."""
+def load_classifier(path: str | Path, map_location: str = "cpu", trust: bool = False) -> ImageClassifier:
+    """The ImageClassifier saved at `path`, in eval mode; a missing or unreadable file is a user error.
+    `trust` (trust_checkpoint=true): the full unpickler, for an old checkpoint of your own."""
     if path is None or str(path) in ("", "None"):
         raise FinetuneError(f"ckpt_path is not set; {HINT}")
     ckpt = Path(str(path)).expanduser()
     if not ckpt.is_file():
         raise FinetuneError(f"checkpoint {ckpt} not found; {HINT}")
-    read_checkpoint(ckpt)  # the check only: Lightning reads the file again to build the model
-    model = ImageClassifier.load_from_checkpoint(ckpt, map_location=map_location, weights_only=False, weights=None)
+    read_checkpoint(ckpt, trust)  # the check only: Lightning reads the file again to build the model
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location=map_location, weights_only=not trust,
+                                                 weights=None)
     return model.eval()

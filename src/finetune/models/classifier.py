@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError
 from finetune.finetuning.param_groups import check_partition, param_groups
 from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
+from finetune.models.factory_config import OPTIMIZER_TYPES, SCHEDULER_TYPES, as_config, as_factory
 
 log = logging.getLogger("finetune")
 
@@ -56,8 +57,8 @@ class ImageClassifier(L.LightningModule):
         weights: str | None = "DEFAULT",
         num_classes: int = 1000,
         class_names: Sequence[str] | None = None,
-        optimizer: partial | None = None,
-        scheduler: partial | None = None,
+        optimizer: partial | Mapping | None = None,
+        scheduler: partial | Mapping | None = None,
         scheduler_interval: str = "epoch",
         head_dropout: float = 0.0,
         drop_path: float | None = None,
@@ -74,6 +75,8 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         if class_names is not None:
             class_names = [str(c) for c in class_names]
+        # As config dicts, not partials: a checkpoint holds data only (finetune.safe_checkpoint).
+        optimizer, scheduler = as_config(optimizer), as_config(scheduler)
         self.save_hyperparameters(logger=False)
         backbone = create_backbone(name, weights, drop_path=drop_path)
         self.backbone = backbone.module
@@ -333,7 +336,8 @@ class ImageClassifier(L.LightningModule):
         `decay_norm_and_bias`), each group at `lr_mult` times the configured rate; the backbone's
         at `backbone_lr_mult` times that. Raises RuntimeError if the groups miss or repeat a
         parameter: such a parameter would silently never train, or train twice."""
-        optimizer_factory = self.hparams.optimizer or partial(torch.optim.Adam, lr=1e-3)
+        optimizer_factory = (as_factory(self.hparams.optimizer, OPTIMIZER_TYPES) if self.hparams.optimizer
+                             else partial(torch.optim.Adam, lr=1e-3))
         groups = param_groups(self.backbone, self.head, self.hparams.head_lr_mult, self.hparams.layer_decay,
                               decay_norm_and_bias=self.hparams.decay_norm_and_bias, trainable_only=False,
                               backbone_lr_mult=self.backbone_lr_mult)
@@ -343,7 +347,7 @@ class ImageClassifier(L.LightningModule):
             group["lr"] = group["lr"] * group["lr_mult"]
         if self.hparams.scheduler is None:
             return optimizer
-        scheduler_factory = self.hparams.scheduler
+        scheduler_factory = as_factory(self.hparams.scheduler, SCHEDULER_TYPES)
         interval = self.hparams.scheduler_interval
         if "total_steps" in inspect.signature(scheduler_factory).parameters:  # a schedule in steps (WarmupCosine)
             scheduler_factory = partial(scheduler_factory, **self.schedule_steps())
