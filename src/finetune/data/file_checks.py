@@ -26,7 +26,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
+from finetune.data.file_walk import iter_files, open_regular, printable
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -40,6 +42,8 @@ def unreadable_reason(exc: BaseException) -> str:
     """A short, one-line reason for a decode failure."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (Pillow cannot identify the format)"
+    if isinstance(exc, OSError) and str(exc).startswith("not a regular file"):
+        return str(exc).split(":", 1)[0]
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb check)"
     text = " ".join(str(exc).split())[:160]
@@ -49,14 +53,15 @@ def unreadable_reason(exc: BaseException) -> str:
 def check_image(path: str) -> str | None:
     """None if `path` decodes as an image, else the reason it does not.
 
-    Images over Pillow's pixel limit are refused from their header, before any decoding.
+    Images over Pillow's pixel limit are refused from their header, before any decoding. Only
+    regular files are opened, without blocking (a named pipe is a reason, not a hang).
     """
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():
+        with open_regular(path) as f, warnings.catch_warnings():
+            if os.fstat(f.fileno()).st_size == 0:
+                return "empty file (0 bytes)"
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(f) as image:
                 if image.format == "JPEG":
                     image.draft(image.mode, (1, 1))  # the smallest DCT scale
                 image.load()
@@ -156,8 +161,8 @@ class SkipReport:
         """Record `skipped` ({path: reason}) of a split of `total` files and warn once for them."""
         if not skipped:
             return
-        self._write([(split, p, r) for p, r in sorted(skipped.items())])
-        names = sorted(skipped)
+        self._write([(split, printable(p), r) for p, r in sorted(skipped.items())])
+        names = [printable(p) for p in sorted(skipped)]
         shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
         where = f"; all of them with the reason in {self.path}" if self.path else ""
         log.warning("%s: skipped %d of %d files that are not readable images (%s)%s",
@@ -195,14 +200,34 @@ class SkippingImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, split: str, skipped: dict[str, str], report: SkipReport,
-                 replace: bool = True, **kwargs) -> None:
+                 replace: bool = True, files: list[str] | None = None, **kwargs) -> None:
+        self._files = files  # the listing, when the caller has it; else the folder is walked
         super().__init__(root, allow_empty=True, **kwargs)
+        self._files = None
         self.split, self.report, self.replace = split, report, replace
         # With a shrunk copy the unreadable files are already absent and `skipped` names the source's.
         self.total_files = len({path for path, _ in self.samples} | set(skipped))
         self.samples = [s for s in self.samples if s[0] not in skipped]
         self.imgs, self.targets = self.samples, [s[1] for s in self.samples]
         self.skipped = dict(skipped)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        """ImageFolder's samples, in its order, from a walk that follows no link loop and lists
+        each real file once (`finetune.data.file_walk`)."""
+        directory = os.fspath(directory)
+        files = self._files
+        if files is None:
+            files = [path for path, _ in iter_files(directory, keep=lambda name: True)]
+        start = len(directory.rstrip(os.sep)) + 1
+        samples = []
+        for path in files:
+            name, _, rest = path[start:].partition(os.sep)
+            valid = is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions or ())
+            if rest and name in class_to_idx and valid:
+                samples.append((path, class_to_idx[name]))
+        samples.sort(key=lambda s: (s[1], os.path.dirname(s[0]), os.path.basename(s[0])))
+        return samples
 
     def __getitem__(self, index: int):
         for offset in range(len(self.samples)):

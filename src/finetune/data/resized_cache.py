@@ -17,29 +17,16 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.data.decode import load_rgb
 from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
+from finetune.data.file_walk import list_images, open_regular
 
 log = logging.getLogger("finetune")
 VERSION = 2  # bump when the way copies are made changes (2: the shared decoder: EXIF, 16-bit)
 JPEG_QUALITY = 95
 STAGING_SUFFIX = ".tmp"  # a copy being built: .<name>.<pid>.tmp beside where it will be
-
-
-def list_images(root: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every image under `root`, sorted."""
-    entries = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.lower().endswith(IMG_EXTENSIONS):
-                path = Path(folder, name)
-                st = path.stat()
-                entries.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    return sorted(entries)
 
 
 def cache_path(root: Path, cache_dir: Path, short_side: int, draft: bool = True) -> Path:
