@@ -128,3 +128,37 @@ def test_latin1_file_names_are_listed_read_and_written_back_escaped(make_cfg, tm
         skipped = [unprintable(r["path"]) for r in csv.DictReader(f)]
     assert predicted == [str(images / LATIN1)]
     assert skipped == [str(images / os.fsdecode(b"bad\xe9.png"))]
+
+
+# --- start-up that grows in a straight line ------------------------------------------------------
+def test_adding_one_file_checks_one_file_and_appends_to_the_memo_instead_of_rewriting_it(tmp_path, caplog):
+    from finetune.data.file_checks import FileChecks
+
+    root = write_image_folder(tmp_path / "data", {"train": 10}, size=16)
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    memo_dir = tmp_path / "memo"
+    FileChecks(root, memo_dir).unreadable(files)
+    [memo] = [p for p in memo_dir.iterdir() if p.suffix == ".json"]
+    before = (memo.stat().st_ino, memo.stat().st_mtime_ns, memo.stat().st_size)
+    added = root / "train" / "circle" / "added.png"
+    added.write_bytes(Path(files[0]).read_bytes())
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert FileChecks(root, memo_dir).unreadable([*files, str(added)]) == {}
+    assert "checking 1 image files" in caplog.text, caplog.text
+    assert (memo.stat().st_ino, memo.stat().st_mtime_ns, memo.stat().st_size) == before  # not rewritten
+    # ... and what was appended is remembered: a third run checks nothing.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        FileChecks(root, memo_dir).unreadable([*files, str(added)])
+    assert "checking" not in caplog.text
+
+
+def test_long_stages_log_their_progress_when_the_output_is_not_a_terminal(caplog):
+    from finetune.data.progress import Progress
+
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        with Progress("checking image files", total=300, interval=0.0) as progress:
+            for _ in range(3):
+                progress.advance(100)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checking image files")]
+    assert lines and "300/300" in lines[-1] and "/s" in lines[-1], lines

@@ -29,6 +29,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import has_file_allowed_extension
 
 from finetune.data.file_walk import iter_files, open_regular, printable
+from finetune.data.progress import Progress
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -76,14 +77,25 @@ def _check_chunk(paths: Sequence[str]) -> list[str | None]:
 
 def _check_many(paths: list[str], workers: int) -> list[str | None]:
     """`check_image` over `paths`, in `workers` processes when there are enough files to pay."""
-    if workers <= 1 or len(paths) < 512:
-        return _check_chunk(paths)
-    chunk = max(64, len(paths) // (workers * 8))
+    chunk = max(64, min(4096, len(paths) // (max(workers, 1) * 8)))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return [reason for part in pool.map(_check_chunk, chunks) for reason in part]
+    reasons: list[str | None] = []
+    with Progress("checking image files", total=len(paths)) as progress:
+        if workers <= 1 or len(paths) < 512:
+            parts = map(_check_chunk, chunks)
+        else:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            parts = pool.map(_check_chunk, chunks)
+        try:
+            for part in parts:
+                reasons += part
+                progress.advance(len(part))
+        finally:
+            if workers > 1 and len(paths) >= 512:
+                pool.shutdown()
+    return reasons
 
 
 class FileChecks:
@@ -91,6 +103,9 @@ class FileChecks:
 
     The memo never lives inside the user's data folder; a lost or corrupt memo only costs a
     re-check. It is written to a temp name and renamed, so concurrent runs never see half of one.
+    Files new or changed since are appended to a journal beside it (one write, O_APPEND), so adding
+    one file to a folder of a million costs one file's check and one line, not a rewrite of the
+    memo; the memo is rewritten only when files went away or the journal grew past a quarter of it.
     """
 
     def __init__(self, root: Path, memo_dir: Path | None, workers: int = 1) -> None:
@@ -99,6 +114,10 @@ class FileChecks:
         self.memo = Path(memo_dir) / f"file-checks-{self.root.name}-{digest}.json" if memo_dir else None
         self.workers = workers
 
+    @property
+    def journal(self) -> Path | None:
+        return self.memo.with_name(self.memo.name + ".journal") if self.memo else None
+
     def _load_memo(self) -> dict[str, list]:
         if self.memo is None or not self.memo.is_file():
             return {}
@@ -106,7 +125,36 @@ class FileChecks:
             data = json.loads(self.memo.read_text())
         except (OSError, ValueError):
             return {}
-        return data.get("files", {}) if data.get("version") == VERSION else {}
+        files = data.get("files", {}) if data.get("version") == VERSION else {}
+        self._journal_lines = 0
+        if files and self.journal.is_file():
+            with open(self.journal, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        path, *entry = json.loads(line)
+                    except ValueError:  # a line cut by a crash: that file is checked again
+                        continue
+                    files[path] = entry
+                    self._journal_lines += 1
+        self._base_size = len(files) - self._journal_lines
+        return files
+
+    def _append_memo(self, entries: dict[str, list]) -> bool:
+        """Add `entries` to the journal; False when the memo must be rewritten instead."""
+        if self.memo is None or not self.memo.is_file():
+            return False
+        if self._journal_lines + len(entries) > max(64, self._base_size // 4):
+            return False
+        text = "".join(json.dumps([path, *entry]) + "\n" for path, entry in entries.items())
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, text.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
 
     def _save_memo(self, entries: dict[str, list]) -> None:
         if self.memo is None:
@@ -116,11 +164,13 @@ class FileChecks:
             tmp = self.memo.with_name(f".{self.memo.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"version": VERSION, "files": entries}))
             os.replace(tmp, self.memo)
+            self.journal.unlink(missing_ok=True)
         except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
             log.warning("could not remember file checks in %s (%s)", self.memo, e)
 
     def unreadable(self, paths: Iterable[str]) -> dict[str, str]:
         """{path: reason} for the files in `paths` that are not readable images."""
+        self._journal_lines, self._base_size = 0, 0
         memo = self._load_memo()
         stats, todo = {}, []
         for path in paths:
@@ -139,7 +189,7 @@ class FileChecks:
             for path, reason in zip(todo, _check_many(todo, self.workers)):
                 memo[path] = [*stats[path], reason]
         kept = {p: memo[p] for p in stats if p in memo}
-        if todo or len(kept) != len(memo):
+        if len(kept) != len(memo) or (todo and not self._append_memo({p: memo[p] for p in todo})):
             self._save_memo({p: v for p, v in kept.items() if v[0] is not None})
         return {p: v[2] for p, v in kept.items() if v[2]}
 

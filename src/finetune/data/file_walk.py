@@ -112,12 +112,16 @@ def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[
     """(relative path, size, mtime_ns) of every image under `root`, sorted; (-1, -1) for an entry
     that cannot be stat'ed (a dangling link: the checks report it). `say_links`: log how many
     links were skipped (loops, duplicates) so a folder never counts an image twice in silence."""
+    from finetune.data.progress import Progress
+
     walk = Walk()
     start = len(os.fspath(root).rstrip(os.sep)) + 1
     entries = []
-    for path, st in iter_files(root, is_image, walk):
-        rel = path[start:].replace(os.sep, "/")
-        entries.append((rel, st.st_size, st.st_mtime_ns) if st is not None else (rel, -1, -1))
+    with Progress(f"listing image files under {printable(os.fspath(root))}") as progress:
+        for path, st in iter_files(root, is_image, walk):
+            rel = path[start:].replace(os.sep, "/")
+            entries.append((rel, st.st_size, st.st_mtime_ns) if st is not None else (rel, -1, -1))
+            progress.advance()
     if say_links and walk.links_skipped:
         log.warning("%s: skipped %d links to folders or files already listed (loops or duplicates, "
                     "e.g. %s); each image counts once", root, walk.links_skipped,

@@ -32,6 +32,7 @@ from finetune.cache_lock import LOCK_SUFFIX, entry_lock, remove_leftovers
 from finetune.data.decode import load_rgb
 from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
 from finetune.data.file_walk import list_images, open_regular
+from finetune.data.progress import Progress
 
 log = logging.getLogger("finetune")
 VERSION = 3  # bump when the way copies are made changes (2: the shared decoder; 3: names kept)
@@ -178,8 +179,9 @@ def _build(root: Path, target: Path, short_side: int, num_workers: int, draft: b
     staging.mkdir(parents=True)
     try:
         shrink_all = _ShrinkAll(root, staging, files, short_side, draft)
-        for _ in DataLoader(shrink_all, batch_size=None, num_workers=num_workers):
-            pass
+        with Progress("resizing images", total=len(files)) as progress:
+            for _ in DataLoader(shrink_all, batch_size=None, num_workers=num_workers):
+                progress.advance()
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless the build failed
