@@ -168,15 +168,22 @@ class FileChecks:
         except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
             log.warning("could not remember file checks in %s (%s)", self.memo, e)
 
-    def unreadable(self, paths: Iterable[str]) -> dict[str, str]:
-        """{path: reason} for the files in `paths` that are not readable images."""
+    def unreadable(self, paths: Iterable[str], sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, str]:
+        """{path: reason} for the files in `paths` that are not readable images.
+
+        `sizes`: (size, mtime_ns) of each path from a listing just taken, so a warm run does not
+        stat a million files twice; a negative size (stat failed) is stat'ed again for the reason.
+        """
         self._journal_lines, self._base_size = 0, 0
         memo = self._load_memo()
         stats, todo = {}, []
-        for path in paths:
+        for i, path in enumerate(paths):
             try:
-                st = os.stat(path)
-                stats[path] = [st.st_size, st.st_mtime_ns]
+                if sizes is not None and sizes[i][0] >= 0:
+                    stats[path] = list(sizes[i])
+                else:
+                    st = os.stat(path)
+                    stats[path] = [st.st_size, st.st_mtime_ns]
             except OSError as e:
                 stats[path] = None
                 memo[path] = [None, None, unreadable_reason(e)]

@@ -168,7 +168,8 @@ class FolderDataModule(ImageDataModule):
         once per run, remembered between runs in `cache_dir`, never written into `root`)."""
         if self._unreadable is None:
             files = [os.path.join(self.root, rel) for rel, _, _ in self.listing()]
-            self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files)
+            sizes = [(size, mtime) for _, size, mtime in self.listing()]
+            self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files, sizes)
         return self._unreadable
 
     def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
