@@ -81,8 +81,9 @@ def run_stage(stage: str, root: Path, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--root", str(root), "--work", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{stage}.log", "w"))
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(work / f"{stage}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"stage {stage} failed; see {work / f'{stage}.log'}")

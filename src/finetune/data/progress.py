@@ -19,14 +19,20 @@ class Progress:
         self.done, self.start, self._last = 0, time.perf_counter(), time.perf_counter()
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn,
-                                       TextColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
                             TimeRemainingColumn(), transient=True)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Progress:  # noqa: PYI034
         if self._bar is not None:
             self._bar.start()
             self._task = self._bar.add_task(self.what, total=self.total, rate="")
