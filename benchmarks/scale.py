@@ -21,8 +21,11 @@ workers it reaped) is its own:
                   and val and the head's first epoch of one batch; features kept in RAM as
                   `TensorDataset`s and saved to `feature_cache/`: its size on disk is shown
 
-Per stage: seconds, peak RSS (MiB) and their cost per image; growth is the per-image time at this
-N over the one at the previous N (1.0: linear). The last line sums the warm start-up (`startup`):
+Per stage: seconds, the process's peak RSS (MiB, imports included), what the stage itself added
+(its peak over its RSS at the start, measured after resetting the peak with /proc/self/clear_refs;
+for the two CLI stages the peak over the import `baseline`), and the cost per image; growth is the
+per-image time at this N over the one at the previous N (1.0: linear; stages under 0.5 s are left
+out of the worst). The last line is the warm start-up (`startup`) per 100k images at the largest N:
 
     n_max= startup_s_per_100k= rss_mb_per_100k= worst_growth=
 
@@ -92,6 +95,28 @@ def run_stage(stage: str, root: Path, work: Path) -> dict:
     return result
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _reset_peak() -> float:
+    """Reset this process's peak RSS (Linux: clear_refs 5), so importing torch, which peaks higher
+    than a small stage, is not what the stage reports; returns the RSS now."""
+    import finetune.data.folder  # noqa: F401  imported before the reset
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _peak_mb() -> float:
+    """The stage's peak RSS: this process's since the reset, or a reaped worker's or CLI's if higher."""
+    import resource
+
+    return max(_status_mb("VmHWM"), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
 # --- what each child runs ----------------------------------------------------------------------
 def _datamodule(root: Path, work: Path, **kwargs):
     from finetune.data.folder import FolderDataModule
@@ -157,13 +182,21 @@ def _cli(args: list[str], work: Path, t0: float) -> dict:
 
 
 # --- the table ---------------------------------------------------------------------------------
+def _net_mb(stage: str, r: dict, stages: dict) -> float:
+    """What the stage added to memory: its peak over its start (in-process stages), or the CLI's
+    peak over the import baseline (streaming, frozen: their own process imports torch again)."""
+    if "peak_mb" in r and stage not in ("streaming", "frozen"):
+        return max(0.0, r["peak_mb"] - r["start_mb"])
+    return max(0.0, r["rss_mb"] - stages.get("baseline", {}).get("rss_mb", 0.0))
+
+
 def table(results: dict[int, dict[str, dict]]) -> tuple[list[str], float]:
-    lines = ["| stage | N | wall s | stage s | peak RSS MiB | ms/image | kB RSS/image over baseline | growth |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | N | wall s | stage s | peak RSS MiB | ms/image | stage MiB | kB/image | growth |",
+             "|---|---|---|---|---|---|---|---|---|"]
     worst, previous = 1.0, {}
     for n, stages in sorted(results.items()):
-        base = stages.get("baseline", {}).get("rss_mb", 0.0)
         for stage, r in stages.items():
+            net = _net_mb(stage, r, stages)
             per_image = r["stage_s"] / n * 1000
             growth = per_image / previous[stage] if stage in previous else None
             if growth is not None and r["stage_s"] > 0.5:  # sub-second stages are noise, not growth
@@ -171,7 +204,7 @@ def table(results: dict[int, dict[str, dict]]) -> tuple[list[str], float]:
             previous[stage] = per_image
             extra = f" ({r['feature_mb_on_disk']:.0f} MB of features on disk)" if "feature_mb_on_disk" in r else ""
             lines.append(f"| {stage}{extra} | {n} | {r['wall_s']:.1f} | {r['stage_s']:.1f} | {r['rss_mb']:.0f} | "
-                         f"{per_image:.3f} | {max(0.0, r['rss_mb'] - base) * 1024 / n:.2f} | "
+                         f"{per_image:.3f} | {net:.0f} | {net * 1024 / n:.2f} | "
                          f"{'-' if growth is None else f'{growth:.2f}'} |")
     return lines, worst
 
@@ -187,7 +220,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        args.out.write_text(json.dumps(child(args.child, args.root, args.work)))
+        start_mb = _reset_peak()
+        result = child(args.child, args.root, args.work)
+        result.update(start_mb=start_mb, peak_mb=_peak_mb())
+        args.out.write_text(json.dumps(result))
         return
     base = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work))
     results: dict[int, dict[str, dict]] = {}
@@ -209,9 +245,8 @@ def main() -> None:
     n_max = max(results)
     startup = results[n_max].get("startup")
     per_100k = 100_000 / n_max
-    base = results[n_max].get("baseline", {}).get("rss_mb", 0.0)
     print(f"n_max={n_max} startup_s_per_100k={startup['stage_s'] * per_100k:.1f} "
-          f"rss_mb_per_100k={max(0.0, startup['rss_mb'] - base) * per_100k:.0f} worst_growth={worst:.2f}"
+          f"rss_mb_per_100k={_net_mb('startup', startup, results[n_max]) * per_100k:.0f} worst_growth={worst:.2f}"
           if startup else f"n_max={n_max} startup_s_per_100k=- rss_mb_per_100k=- worst_growth={worst:.2f}")
 
 
