@@ -198,7 +198,7 @@ def table(results: dict[int, dict[str, dict]]) -> tuple[list[str], float]:
         for stage, r in stages.items():
             net = _net_mb(stage, r, stages)
             per_image = r["stage_s"] / n * 1000
-            growth = per_image / previous[stage] if stage in previous else None
+            growth = per_image / previous[stage] if previous.get(stage) else None
             if growth is not None and r["stage_s"] > 0.5:  # sub-second stages are noise, not growth
                 worst = max(worst, growth)
             previous[stage] = per_image
