@@ -86,7 +86,7 @@ def test_two_processes_building_the_same_resized_copy_at_once_build_it_once(tmp_
     entries = {line for out in outputs for line in out.splitlines() if line.startswith("entry ")}
     assert len(entries) == 1, entries
     entry = Path(entries.pop().split(" ", 1)[1])
-    assert len(list(entry.rglob("*.jpg"))) == 160
+    assert len(list(entry.rglob("*.png"))) == 160
     assert [p for p in cache.iterdir() if not p.name.endswith(".lock")] == [entry]
 
 
@@ -144,7 +144,7 @@ def test_a_resized_copy_killed_while_being_written_is_never_used_and_is_rebuilt(
     root = write_image_folder(tmp_path / "src", {"train": 100}, size=128)  # 400 images
     cache = tmp_path / "cache"
     builder = start(HELPERS, "resized", root, cache, 40, cwd=tmp_path)
-    while not (cache.is_dir() and any(any(p.rglob("*.jpg")) for p in cache.iterdir() if p.is_dir())):
+    while not (cache.is_dir() and any(any(p.rglob("*.png")) for p in cache.iterdir() if p.is_dir())):
         assert builder.poll() is None, "the copy was done before it could be killed: make it bigger"
         time.sleep(0.01)
     builder.send_signal(signal.SIGKILL)
@@ -156,7 +156,7 @@ def test_a_resized_copy_killed_while_being_written_is_never_used_and_is_rebuilt(
     with caplog.at_level(logging.INFO, logger="finetune"):
         assert resized_copy(root, cache, 40) == target
     assert "caching 400 images" in caplog.text
-    assert len(list(target.rglob("*.jpg"))) == 400
+    assert len(list(target.rglob("*.png"))) == 400
     assert [p for p in cache.iterdir() if not p.name.endswith(".lock")] == [target]  # the killed one's staging is gone
 
 

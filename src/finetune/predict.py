@@ -65,7 +65,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     console.print(f"predicted labels: {counts or 'none'}")
     if writer.skipped:
         skipped_csv = output.with_name("skipped.csv")
-        with writing(skipped_csv), open(skipped_csv, "w", newline="") as f:
+        with writing(skipped_csv), open(skipped_csv, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([("path", "reason"), *writer.skipped])
         console.print(f"skipped {len(writer.skipped)} unreadable file(s) (listed in {skipped_csv}):")
         for path, reason in writer.skipped:

@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from finetune.data.file_walk import printable
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes `path, label, probability, label_2, probability_2, ...` (top `top_k`) followed by
@@ -41,7 +43,7 @@ class PredictionWriter(BasePredictionWriter):
             header += [f"label_{rank}", f"probability_{rank}"]
         header += [f"prob_{name}" for name in self._names]
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.output, "w", newline="")  # noqa: SIM115 - open across batches
+        self._file = open(self.output, "w", newline="", encoding="utf-8")  # noqa: SIM115 - open across batches
         self._csv = csv.writer(self._file)
         self._csv.writerow(header)
 
@@ -49,11 +51,11 @@ class PredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
         _, paths, skipped = batch
-        self.skipped.extend(skipped)
+        self.skipped.extend((printable(path), reason) for path, reason in skipped)
         probs: torch.Tensor = prediction.float().cpu()
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         for path, row_p, ps, idx in zip(paths, probs.tolist(), top_p.tolist(), top_i.tolist()):
-            row: list[Any] = [path]
+            row: list[Any] = [printable(path)]  # a non-UTF-8 name escaped recoverably
             for p, i in zip(ps, idx):
                 row += [self._names[i], f"{p:.6f}"]
             row += [f"{p:.6f}" for p in row_p]

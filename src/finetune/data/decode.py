@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
+from finetune.data.file_walk import open_regular
+
 if TYPE_CHECKING:
     from finetune.data.transforms import Preprocessing
 
@@ -31,7 +33,8 @@ def load_rgb(path: str | bytes, min_side: int | None = None) -> Image.Image:
     is applied (a phone photo is seen the way every viewer shows it), and 16-bit images are scaled
     to 8 bits rather than clipped (Pillow's own conversion turns most of them white).
     """
-    with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f:
+    # Bytes (a served upload) or a file: a FIFO or device is an OSError, never a blocked read.
+    with io.BytesIO(path) if isinstance(path, bytes) else open_regular(path) as f:
         image = Image.open(f)
         if min_side and image.format == "JPEG":
             w, h = image.size

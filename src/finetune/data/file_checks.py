@@ -26,7 +26,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
+from finetune.data.file_walk import iter_files, open_regular, printable
+from finetune.data.progress import Progress
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -40,6 +43,8 @@ def unreadable_reason(exc: BaseException) -> str:
     """A short, one-line reason for a decode failure."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (Pillow cannot identify the format)"
+    if isinstance(exc, OSError) and str(exc).startswith("not a regular file"):
+        return str(exc).split(":", 1)[0]
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (decompression bomb check)"
     text = " ".join(str(exc).split())[:160]
@@ -49,14 +54,15 @@ def unreadable_reason(exc: BaseException) -> str:
 def check_image(path: str) -> str | None:
     """None if `path` decodes as an image, else the reason it does not.
 
-    Images over Pillow's pixel limit are refused from their header, before any decoding.
+    Images over Pillow's pixel limit are refused from their header, before any decoding. Only
+    regular files are opened, without blocking (a named pipe is a reason, not a hang).
     """
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with warnings.catch_warnings():
+        with open_regular(path) as f, warnings.catch_warnings():
+            if os.fstat(f.fileno()).st_size == 0:
+                return "empty file (0 bytes)"
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(f) as image:
                 if image.format == "JPEG":
                     image.draft(image.mode, (1, 1))  # the smallest DCT scale
                 image.load()
@@ -71,14 +77,25 @@ def _check_chunk(paths: Sequence[str]) -> list[str | None]:
 
 def _check_many(paths: list[str], workers: int) -> list[str | None]:
     """`check_image` over `paths`, in `workers` processes when there are enough files to pay."""
-    if workers <= 1 or len(paths) < 512:
-        return _check_chunk(paths)
-    chunk = max(64, len(paths) // (workers * 8))
+    chunk = max(64, min(4096, len(paths) // (max(workers, 1) * 8)))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return [reason for part in pool.map(_check_chunk, chunks) for reason in part]
+    reasons: list[str | None] = []
+    with Progress("checking image files", total=len(paths)) as progress:
+        if workers <= 1 or len(paths) < 512:
+            parts = map(_check_chunk, chunks)
+        else:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            parts = pool.map(_check_chunk, chunks)
+        try:
+            for part in parts:
+                reasons += part
+                progress.advance(len(part))
+        finally:
+            if workers > 1 and len(paths) >= 512:
+                pool.shutdown()
+    return reasons
 
 
 class FileChecks:
@@ -86,6 +103,9 @@ class FileChecks:
 
     The memo never lives inside the user's data folder; a lost or corrupt memo only costs a
     re-check. It is written to a temp name and renamed, so concurrent runs never see half of one.
+    Files new or changed since are appended to a journal beside it (one write, O_APPEND), so adding
+    one file to a folder of a million costs one file's check and one line, not a rewrite of the
+    memo; the memo is rewritten only when files went away or the journal grew past a quarter of it.
     """
 
     def __init__(self, root: Path, memo_dir: Path | None, workers: int = 1) -> None:
@@ -94,6 +114,10 @@ class FileChecks:
         self.memo = Path(memo_dir) / f"file-checks-{self.root.name}-{digest}.json" if memo_dir else None
         self.workers = workers
 
+    @property
+    def journal(self) -> Path | None:
+        return self.memo.with_name(self.memo.name + ".journal") if self.memo else None
+
     def _load_memo(self) -> dict[str, list]:
         if self.memo is None or not self.memo.is_file():
             return {}
@@ -101,7 +125,36 @@ class FileChecks:
             data = json.loads(self.memo.read_text())
         except (OSError, ValueError):
             return {}
-        return data.get("files", {}) if data.get("version") == VERSION else {}
+        files = data.get("files", {}) if data.get("version") == VERSION else {}
+        self._journal_lines = 0
+        if files and self.journal.is_file():
+            with open(self.journal, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        path, *entry = json.loads(line)
+                    except ValueError:  # a line cut by a crash: that file is checked again
+                        continue
+                    files[path] = entry
+                    self._journal_lines += 1
+        self._base_size = len(files) - self._journal_lines
+        return files
+
+    def _append_memo(self, entries: dict[str, list]) -> bool:
+        """Add `entries` to the journal; False when the memo must be rewritten instead."""
+        if self.memo is None or not self.memo.is_file():
+            return False
+        if self._journal_lines + len(entries) > max(64, self._base_size // 4):
+            return False
+        text = "".join(json.dumps([path, *entry]) + "\n" for path, entry in entries.items())
+        try:
+            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, text.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
 
     def _save_memo(self, entries: dict[str, list]) -> None:
         if self.memo is None:
@@ -111,17 +164,26 @@ class FileChecks:
             tmp = self.memo.with_name(f".{self.memo.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"version": VERSION, "files": entries}))
             os.replace(tmp, self.memo)
+            self.journal.unlink(missing_ok=True)
         except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
             log.warning("could not remember file checks in %s (%s)", self.memo, e)
 
-    def unreadable(self, paths: Iterable[str]) -> dict[str, str]:
-        """{path: reason} for the files in `paths` that are not readable images."""
+    def unreadable(self, paths: Iterable[str], sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, str]:
+        """{path: reason} for the files in `paths` that are not readable images.
+
+        `sizes`: (size, mtime_ns) of each path from a listing just taken, so a warm run does not
+        stat a million files twice; a negative size (stat failed) is stat'ed again for the reason.
+        """
+        self._journal_lines, self._base_size = 0, 0
         memo = self._load_memo()
         stats, todo = {}, []
-        for path in paths:
+        for i, path in enumerate(paths):
             try:
-                st = os.stat(path)
-                stats[path] = [st.st_size, st.st_mtime_ns]
+                if sizes is not None and sizes[i][0] >= 0:
+                    stats[path] = list(sizes[i])
+                else:
+                    st = os.stat(path)
+                    stats[path] = [st.st_size, st.st_mtime_ns]
             except OSError as e:
                 stats[path] = None
                 memo[path] = [None, None, unreadable_reason(e)]
@@ -134,7 +196,7 @@ class FileChecks:
             for path, reason in zip(todo, _check_many(todo, self.workers)):
                 memo[path] = [*stats[path], reason]
         kept = {p: memo[p] for p in stats if p in memo}
-        if todo or len(kept) != len(memo):
+        if len(kept) != len(memo) or (todo and not self._append_memo({p: memo[p] for p in todo})):
             self._save_memo({p: v for p, v in kept.items() if v[0] is not None})
         return {p: v[2] for p, v in kept.items() if v[2]}
 
@@ -156,8 +218,8 @@ class SkipReport:
         """Record `skipped` ({path: reason}) of a split of `total` files and warn once for them."""
         if not skipped:
             return
-        self._write([(split, p, r) for p, r in sorted(skipped.items())])
-        names = sorted(skipped)
+        self._write([(split, printable(p), r) for p, r in sorted(skipped.items())])
+        names = [printable(p) for p in sorted(skipped)]
         shown = ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
         where = f"; all of them with the reason in {self.path}" if self.path else ""
         log.warning("%s: skipped %d of %d files that are not readable images (%s)%s",
@@ -195,14 +257,34 @@ class SkippingImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, split: str, skipped: dict[str, str], report: SkipReport,
-                 replace: bool = True, **kwargs) -> None:
+                 replace: bool = True, files: list[str] | None = None, **kwargs) -> None:
+        self._files = files  # the listing, when the caller has it; else the folder is walked
         super().__init__(root, allow_empty=True, **kwargs)
+        self._files = None
         self.split, self.report, self.replace = split, report, replace
         # With a shrunk copy the unreadable files are already absent and `skipped` names the source's.
         self.total_files = len({path for path, _ in self.samples} | set(skipped))
         self.samples = [s for s in self.samples if s[0] not in skipped]
         self.imgs, self.targets = self.samples, [s[1] for s in self.samples]
         self.skipped = dict(skipped)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        """ImageFolder's samples, in its order, from a walk that follows no link loop and lists
+        each real file once (`finetune.data.file_walk`)."""
+        directory = os.fspath(directory)
+        files = self._files
+        if files is None:
+            files = [path for path, _ in iter_files(directory, keep=lambda name: True)]
+        start = len(directory.rstrip(os.sep)) + 1
+        samples = []
+        for path in files:
+            name, _, rest = path[start:].partition(os.sep)
+            valid = is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions or ())
+            if rest and name in class_to_idx and valid:
+                samples.append((path, class_to_idx[name]))
+        samples.sort(key=lambda s: (s[1], os.path.dirname(s[0]), os.path.basename(s[0])))
+        return samples
 
     def __getitem__(self, index: int):
         for offset in range(len(self.samples)):

@@ -18,7 +18,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from finetune.data.datamodule import ImageDataModule, available_cpus, upsample_on_device
 from finetune.data.decode import decoder, load_rgb  # noqa: F401  (load_rgb: its former home)
 from finetune.data.file_checks import FILE_ERRORS, FileChecks, SkippingImageFolder
-from finetune.data.resized_cache import list_images, resized_copy
+from finetune.data.file_walk import iter_files, list_images, open_regular
+from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
@@ -27,10 +28,7 @@ LAYOUT = "expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ opti
 
 
 def _has_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-            return True
-    return False
+    return any(path.lower().endswith(IMG_EXTENSIONS) for path, _ in iter_files(folder))
 
 
 def scan_classes(split_dir: Path) -> list[str]:
@@ -81,7 +79,7 @@ def sample_sides(root: Path, samples: int = 16) -> list[int]:
         names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMG_EXTENSIONS))
         for name in names[: max(1, samples // 4)]:
             try:
-                with Image.open(os.path.join(class_dir, name)) as image:
+                with open_regular(os.path.join(class_dir, name)) as f, Image.open(f) as image:
                     sides.append(max(image.size))
             except FILE_ERRORS:  # reported with the split's other unreadable files
                 continue
@@ -132,6 +130,7 @@ class FolderDataModule(ImageDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root.parent / ".cache"
         self._image_root: Path | None = None
         self._unreadable: dict[str, str] | None = None
+        self._listing: list[tuple[str, int, int]] | None = None
 
     @cached_property
     def classes(self) -> list[str]:
@@ -154,15 +153,23 @@ class FolderDataModule(ImageDataModule):
             if self.cache and (self.source_size() or 0) > short:
                 bad = {Path(path).relative_to(self.root).as_posix() for path in self.unreadable()}
                 self._image_root = resized_copy(self.root, self.cache_dir, short, self.num_workers,
-                                                draft=p.draft_decode, exclude=bad)
+                                                draft=p.draft_decode, exclude=bad, listing=self.listing())
         return self._image_root
+
+    def listing(self) -> list[tuple[str, int, int]]:
+        """(relative path, size, mtime_ns) of every image under `root`: listed once per run, each
+        real file once however many links lead to it (the links skipped are said in the log)."""
+        if self._listing is None:
+            self._listing = list_images(self.root, say_links=True)
+        return self._listing
 
     def unreadable(self) -> dict[str, str]:
         """{path: reason} for the image files under `root` that do not decode (checked in parallel
         once per run, remembered between runs in `cache_dir`, never written into `root`)."""
         if self._unreadable is None:
-            files = [str(self.root / rel) for rel, _, _ in list_images(self.root)]
-            self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files)
+            files = [os.path.join(self.root, rel) for rel, _, _ in self.listing()]
+            sizes = [(size, mtime) for _, size, mtime in self.listing()]
+            self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files, sizes)
         return self._unreadable
 
     def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
@@ -175,6 +182,9 @@ class FolderDataModule(ImageDataModule):
             return None
         prefix = str(self.root / split) + os.sep
         skipped = {path: why for path, why in self.unreadable().items() if path.startswith(prefix)}
+        files = None
+        if folder == self.root / split:  # the source itself: its files are listed already
+            files = [os.path.join(self.root, rel) for rel, _, _ in self.listing() if rel.startswith(f"{split}/")]
         return SkippingImageFolder(str(folder), split=split, skipped=skipped, report=self.skip_report,
-                                   replace=split == "train", transform=transform,
+                                   replace=split == "train", transform=transform, files=files,
                                    loader=decoder(self.preprocessing))

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.decode import decoder, load_rgb
+from finetune.data.file_walk import iter_files, printable
 from finetune.data.transforms import BatchResize, Preprocessing, eval_pipeline
 from finetune.errors import FinetuneError
 
@@ -24,18 +25,18 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, R
 
 
 def find_files(path: str | Path) -> list[Path]:
-    """`path` itself if it is a file, else every non-hidden file below it, sorted."""
+    """`path` itself if it is not a folder, else every non-hidden entry below it, sorted, each
+    real file once (no link loop followed); a named pipe or device is listed, and then reported
+    as unreadable by `ImageFiles`, never opened in a way that blocks."""
     root = Path(str(path)).expanduser()
-    if root.is_file():
+    if root.exists() and not root.is_dir():
         return [root]
     if not root.is_dir():
-        raise FinetuneError(f"input={root} does not exist; pass input=FILE_OR_DIR with the images to predict")
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+        raise FinetuneError(f"input={printable(str(root))} does not exist; pass input=FILE_OR_DIR with the "
+                            "images to predict")
+    files = sorted(Path(p) for p, _ in iter_files(root, keep=lambda name: not name.startswith(".")))
     if not files:
-        raise FinetuneError(f"input={root} holds no files; pass input=FILE_OR_DIR with the images to predict")
+        raise FinetuneError(f"input={printable(str(root))} holds no files; pass input=FILE_OR_DIR with the images to predict")
     return files
 
 
