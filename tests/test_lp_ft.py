@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 
 import lightning as L
 import pytest
@@ -58,7 +57,7 @@ def test_lp_ft_logs_the_stage_and_its_groups_follow_the_schedule(make_cfg, tmp_p
     cfg = make_cfg(LP_FT + ["trainer.max_epochs=4", "finetune.callback.lp_epochs=1", "test=false"])
     dm, model, trainer = build(cfg)
     # A schedule read from base_lrs (LambdaLR): groups that join later must be given theirs.
-    model.hparams.scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=halve)
+    model.hparams.scheduler = {"_target_": "torch.optim.lr_scheduler.LambdaLR", "_partial_": True, "lr_lambda": halve}
     spy = Snapshots()
     trainer.callbacks.append(spy)
     trainer.fit(model, datamodule=dm)
