@@ -8,6 +8,7 @@ uses; the checkpoint records the train size and evaluation keeps the eval size.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -151,3 +152,15 @@ def test_a_train_size_the_backbone_cannot_take_is_one_line(normal_folder, tmp_pa
                                 "data.resize_size=256", "data.train_image_size=32"), tmp_path))
     with pytest.raises(FinetuneError, match=r"^data.train_image_size=0 is out of range"):
         train(compose_train(run(normal_folder, "data.train_image_size=0"), tmp_path))
+
+
+def test_a_train_size_above_the_decoded_size_is_said_out_loud(normal_folder, caplog):
+    """JPEGs are draft-decoded (and `data.cache` copies shrunk) to the eval sizes: a larger train
+    crop is upsampled from them."""
+    from finetune.data import FolderDataModule
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        FolderDataModule(root=str(normal_folder), image_size=32, resize_size=36, num_workers=0).setup()
+        assert "train_image_size" not in caplog.text
+        FolderDataModule(root=str(normal_folder), image_size=32, resize_size=36, train_image_size=40,
+                         num_workers=0).setup()
+    assert "data.train_image_size=40 is above the eval sizes" in caplog.text and "resize_size >= 40" in caplog.text

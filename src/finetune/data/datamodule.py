@@ -189,6 +189,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         p = self.preprocessing
+        if p.train_size > max(p.resize_size, p.crop_size):
+            log.warning("data.train_image_size=%d is above the eval sizes: JPEGs are decoded at reduced scale "
+                        "(and data.cache copies kept) down to a short side of %d px, so training crops may be "
+                        "upsampled from them; set data.resize_size >= %d for full detail", p.train_size,
+                        max(p.resize_size, p.crop_size), p.train_size)
         pipeline = eval_pipeline(p, self.source_size(), self.resize_on_device)  # shared with predict, export
         eval_tf, self.batch_transform = pipeline.transform, pipeline.batch
         train_tf = train_transform(p) if pipeline.native is None else native_train_transform(p, pipeline.native)
