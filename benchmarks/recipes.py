@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, default=CIFAR_TARBALL, help="cifar10-jpeg.tar.gz")
     parser.add_argument("--scale", nargs="+", default=["900"], choices=list(SCALES))
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--train-image-size", type=int, default=None,
+                        help="data.train_image_size for the fine-tuning rows (FixRes; eval stays at --image-size)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs on images for every fine-tuning recipe")
     parser.add_argument("--probe-epochs", type=int, default=10, help="epochs of the probe on cached features")
     parser.add_argument("--lr", type=float, default=1e-4, help="the backbone's fine-tuning rate")
@@ -142,13 +144,16 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             out = work / f"{scale}-{re.sub('[^A-Za-z0-9]+', '_', name)}"
-            m = run(recipe, common, data, values, out, common_eval)
+            fixres = [f"data.train_image_size={args.train_image_size}"] \
+                if args.train_image_size and name != "linear probe" else []
+            m = run(recipe + fixres, common, data, values, out, common_eval)
             rows[name] = m
             print(f"[{scale}] {name}: val {m['val/acc_best']:.4f}, test {m['test/acc']:.4f} (last epoch "
                   f"{m['test_last/acc']:.4f}), ECE {m['test/ece']:.4f} -> {m['test/ece_calibrated']:.4f}, "
                   f"{m['wall_s']:.0f} s", flush=True)
         n_val = round(val_fraction * (10 if args.archive.is_file() else 4) * SCALES[scale][0])
-        print(f"\nscale {scale}: {what}; {args.image_size} px, precision {args.precision}, batch {args.batch_size}; "
+        trained_at = f" (fine-tuning trains at {args.train_image_size})" if args.train_image_size else ""
+        print(f"\nscale {scale}: {what}; {args.image_size} px{trained_at}, precision {args.precision}, batch {args.batch_size}; "
               f"{values['epochs']} epochs on images at lr {args.lr:g} (probe: {values['probe_epochs']} epochs at "
               f"{10 * args.lr:g}); val {n_val} images, test {n_test} images")
         print(f"| {'recipe':<28} | val acc (chosen) | test acc (chosen) | test acc (last epoch) | ECE before "

@@ -73,6 +73,8 @@ def check_numbers(cfg: DictConfig) -> None:
     _require(cfg, "data.batch_size", lambda v: v >= 1, "an integer >= 1", integer=True)
     _require(cfg, "data.eval_batch_size", lambda v: v >= 1, "an integer >= 1 (or null: data.batch_size)", integer=True)
     _require(cfg, "data.image_size", lambda v: v >= 1, "an integer >= 1 (or null: from the weights)", integer=True)
+    _require(cfg, "data.train_image_size", lambda v: v >= 1, "an integer >= 1 (or null: data.image_size)",
+             integer=True)
     _require(cfg, "data.resize_size", lambda v: v >= 1, "an integer >= 1 (or null: from the weights)", integer=True)
     _require(cfg, "data.val_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1, e.g. 0.1")
     _require(cfg, "data.max_bad_fraction", lambda v: 0 <= v <= 1, "a fraction from 0 to 1 (1.0 accepts any number)")

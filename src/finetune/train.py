@@ -58,6 +58,9 @@ def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModul
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
     if cfg.data.get("image_size") is not None:  # the weights' own size needs no check
         check_input_size(model.backbone, model.preprocessing.crop_size, channels_last=model.channels_last)
+    if cfg.data.get("train_image_size") is not None:
+        check_input_size(model.backbone, model.preprocessing.train_size, key="data.train_image_size",
+                         channels_last=model.channels_last)
     log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
     resolve_speed_settings(cfg, model)
     print_config_tree(cfg)

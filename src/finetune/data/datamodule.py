@@ -92,6 +92,7 @@ class ImageDataModule(L.LightningDataModule):
         prefetch_factor: int | None = None,
         resize_on_device: bool | None = None,
         image_size: int | None = None,
+        train_image_size: int | None = None,
         resize_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -116,12 +117,14 @@ class ImageDataModule(L.LightningDataModule):
         self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.resize_on_device = resize_on_device
+        # Tiny sources: the per-batch step of evaluation's per-image transform, and of training's.
         self.batch_transform: BatchResize | None = None
+        self.train_batch_transform: BatchResize | None = None
         self.persistent_workers = persistent_workers
         self.overrides = {
             "crop_size": image_size, "resize_size": resize_size, "mean": mean, "std": std,
             "interpolation": interpolation, "crop_scale": crop_scale, "hflip": hflip, "augment": augment,
-            "auto_augment": auto_augment,
+            "auto_augment": auto_augment, "train_crop_size": train_image_size,
         }
         self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
         self.cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
@@ -186,10 +189,18 @@ class ImageDataModule(L.LightningDataModule):
         if self.datasets:
             return
         p = self.preprocessing
+        if p.train_size > max(p.resize_size, p.crop_size):
+            log.warning("data.train_image_size=%d is above the eval sizes: JPEGs are decoded at reduced scale "
+                        "(and data.cache copies kept) down to a short side of %d px, so training crops may be "
+                        "upsampled from them; set data.resize_size >= %d for full detail", p.train_size,
+                        max(p.resize_size, p.crop_size), p.train_size)
         pipeline = eval_pipeline(p, self.source_size(), self.resize_on_device)  # shared with predict, export
         eval_tf, self.batch_transform = pipeline.transform, pipeline.batch
         train_tf = train_transform(p) if pipeline.native is None else native_train_transform(p, pipeline.native)
-        self._eval_tf = eval_tf
+        same_size = p.train_size == p.crop_size
+        self.train_batch_transform = (self.batch_transform if pipeline.batch is None or same_size
+                                      else BatchResize(p.for_training()))
+        self._eval_tf, self._train_tf = eval_tf, train_tf
         train, val = self.make_split("train", train_tf), self.make_split("val", eval_tf)
         if val is None:
             train, val = self._split_off_val(train, self.make_split("train", eval_tf))
@@ -206,7 +217,8 @@ class ImageDataModule(L.LightningDataModule):
         `datasets["train"]`, in the same order."""
         self.setup("fit")
         train = self.datasets["train"]
-        if not (self.preprocessing.augment or self.preprocessing.auto_augment):
+        p = self.preprocessing
+        if not (p.augment or p.auto_augment) and p.train_size == p.crop_size:
             return train
         view = self.make_split("train", self._eval_tf)
         if isinstance(train, Subset):  # val was split off train
@@ -215,6 +227,20 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError(f"the training split seen through the eval transform has {len(view)} images, "
                                f"not {len(train)}")
         return view
+
+    def batch_step_for(self, dataset: Dataset) -> BatchResize | None:
+        """The per-batch step that goes with `dataset`'s per-image transform: training's (train
+        size) for the training transform, evaluation's for the eval transform (val, test, LP-FT's
+        `train_eval_view`). Code that runs batches itself (the feature cache) must use this one."""
+        if self.train_batch_transform is self.batch_transform:
+            return self.batch_transform
+        transform = getattr(_innermost(dataset), "transform", None)
+        if transform is self._train_tf:
+            return self.train_batch_transform
+        if transform is self._eval_tf:
+            return self.batch_transform
+        raise RuntimeError(f"no per-batch step is known for a data set with the transform {transform!r}: "
+                           "it is neither this datamodule's training nor its evaluation transform")
 
     def _check_readable(self) -> None:
         """Report the files each split left out as unreadable (sources that read files mark them as
@@ -346,15 +372,24 @@ class ImageDataModule(L.LightningDataModule):
         return collate_readable(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Tiny sources arrive as uint8 at their own size; resize and normalise the whole batch here.
-        Then training batches go through MixUp/CutMix (`mix_batch`).
+        """Tiny sources arrive as uint8 at their own size; resize and normalise the whole batch here,
+        to the train size while the Trainer trains, else to the eval size. Then training batches go
+        through MixUp/CutMix (`mix_batch`).
 
-        Code that iterates the loaders itself (not through the Trainer) calls this too.
+        Code that iterates the loaders itself (not through the Trainer) calls `resize_batch` with
+        the step of the data set it reads (`batch_step_for`).
         """
+        trainer = self.trainer
+        step = self.train_batch_transform if trainer is not None and trainer.training else self.batch_transform
+        return self.mix_batch(self.resize_batch(batch, step))
+
+    @staticmethod
+    def resize_batch(batch: Any, step: BatchResize | None) -> Any:
+        """`step` (a `BatchResize`, or None: nothing) on the images of `batch`."""
         images, *rest = batch
-        if self.batch_transform is not None and images.dim() == 4:  # 2-D: cached features
-            batch = (self.batch_transform(images), *rest)
-        return self.mix_batch(batch)
+        if step is not None and images.dim() == 4:  # 2-D: cached features
+            batch = (step(images), *rest)
+        return batch
 
     def mix_batch(self, batch: Any) -> Any:
         """MixUp/CutMix on a batch that is about to be trained on: the Trainer is in its training

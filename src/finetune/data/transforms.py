@@ -36,6 +36,20 @@ class Preprocessing:
     # JPEGs at least twice the resize size decoded at reduced scale (finetune.data.decode); a
     # checkpoint written before this field existed loads with True, the behaviour it was run with.
     draft_decode: bool = True
+    # The crop size training batches reach the network at (FixRes: train lower than you test);
+    # None: `crop_size`. Eval, predict, export and serve use `crop_size`. Old checkpoints: None.
+    train_crop_size: int | None = None
+
+    @property
+    def train_size(self) -> int:
+        return self.train_crop_size or self.crop_size
+
+    def for_training(self) -> Preprocessing:
+        """This record with the train size as its crop size (the resize size scaled with it, so an
+        unaugmented training crop covers the same fraction of the image as evaluation's)."""
+        if self.train_size == self.crop_size:
+            return self
+        return replace(self.override(crop_size=self.train_size), train_crop_size=None)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +72,8 @@ def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("mean", "std", "crop_scale"):
         if key in out:
             out[key] = tuple(float(x) for x in out[key])
-    for key in ("crop_size", "resize_size"):
-        if key in out:
+    for key in ("crop_size", "resize_size", "train_crop_size"):
+        if out.get(key) is not None:
             out[key] = int(out[key])
     return out
 
@@ -91,7 +105,9 @@ def _to_normalised_tensor(p: Preprocessing) -> list[Any]:
 
 
 def train_transform(p: Preprocessing) -> v2.Compose:
-    """RandomResizedCrop + flip (+ `auto_augment`) when augmenting; otherwise exactly the eval transform."""
+    """RandomResizedCrop + flip (+ `auto_augment`) when augmenting; otherwise exactly the eval
+    transform; both at the train size (`Preprocessing.for_training`)."""
+    p = p.for_training()
     if not p.augment:
         return eval_transform(p)
     steps: list[Any] = [
@@ -126,11 +142,13 @@ def denormalise(images: torch.Tensor, p: Preprocessing) -> torch.Tensor:
 
 # --- tiny sources (CIFAR-10 at 224): per image at native size, upsampled per batch -------------
 def native_train_transform(p: Preprocessing, native_size: int) -> v2.Compose:
-    """The train transform at the source's own size, as uint8; `BatchResize` makes it `crop_size`.
+    """The train transform at the source's own size, as uint8; `BatchResize(p.for_training())`
+    makes it the train size.
 
     Upsampling a 32-pixel image to 224 in Pillow, then normalising 150,000 floats, costs more
     per image than the crop itself; on the batch (on the device) it is one vectorised call.
     """
+    p = p.for_training()
     if not p.augment:
         return native_eval_transform(p, native_size)
     steps: list[Any] = [

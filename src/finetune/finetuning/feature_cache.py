@@ -6,8 +6,10 @@ everything that produced it is the same, so the key covers the whole path from f
 
     data        the files (path, size, mtime, label), arrays or generator, and the subset indices
     per image   the decoder (loader) and the transform, as text
-    per batch   the datamodule's `on_after_batch_transfer` and its `batch_transform` (BatchResize:
-                size, mean, std, interpolation), which tiny sources go through on the device
+    per batch   the datamodule's `on_after_batch_transfer` and the `BatchResize` (size, mean, std,
+                interpolation) that goes with the split's per-image transform (`batch_step_for`:
+                training's at `data.train_image_size`, evaluation's otherwise), which tiny sources
+                go through on the device
     numerics    the precision plugin (autocast dtype), the device type and the memory format
     backbone    its name, its module tree and every tensor of its state dict
 
@@ -120,6 +122,23 @@ def precision_description(trainer: L.Trainer) -> str:
     return f"{type(plugin).__qualname__}({precision}) on {trainer.strategy.root_device.type}"
 
 
+def batch_step(datamodule: Any, dataset: Dataset) -> Any:
+    """The per-batch step (a `BatchResize` or None) the uncached path gives `dataset`'s batches."""
+    step_for = getattr(datamodule, "batch_step_for", None)
+    return step_for(dataset) if step_for is not None else getattr(datamodule, "batch_transform", None)
+
+
+def _per_batch(datamodule: Any, dataset: Dataset) -> Any:
+    """(images, targets) -> what the model gets: the step of `dataset`'s own transform (train and
+    eval sizes may differ), or for a datamodule without `batch_step_for` its hook."""
+    if datamodule is None:
+        return lambda batch: batch
+    if not hasattr(datamodule, "batch_step_for"):
+        return lambda batch: datamodule.on_after_batch_transfer(batch, 0)
+    step = datamodule.batch_step_for(dataset)
+    return lambda batch: datamodule.resize_batch(batch, step)
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
@@ -127,7 +146,8 @@ def extract_features(
 ) -> TensorDataset:
     """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
 
-    Batches go through the datamodule's `on_after_batch_transfer` and the precision plugin, and
+    Batches go through the datamodule's per-batch step for the loader's data set (`batch_step_for`,
+    what `on_after_batch_transfer` gives them in training or evaluation) and the precision plugin, and
     into the memory format the model's `forward` uses, as they would in training (small sources
     are resized and normalised on the device there).
     """
@@ -135,12 +155,12 @@ def extract_features(
     backbone.eval()
     device = trainer.strategy.root_device
     features, labels = [], []
+    per_batch = _per_batch(datamodule, loader.dataset)
     try:
         with trainer.precision_plugin.forward_context():
             for images, targets in loader:
                 images = images.to(device)
-                if datamodule is not None:
-                    images, targets = datamodule.on_after_batch_transfer((images, targets), 0)
+                images, targets = per_batch((images, targets))
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 features.append(backbone(images).float().cpu())
@@ -188,7 +208,7 @@ class FeatureCache:
             "per_image": f"loader={describe(getattr(base, 'loader', None))} "
                          f"transform={describe(getattr(base, 'transform', None))} "
                          f"target_transform={describe(getattr(base, 'target_transform', None))}",
-            "per_batch": f"{describe(hook)}: {describe(getattr(datamodule, 'batch_transform', None))}",
+            "per_batch": f"{describe(hook)}: {describe(batch_step(datamodule, dataset))}",
             "precision": precision_description(self.trainer),
             "memory_format": "channels_last" if self.channels_last else "contiguous",
             "backbone": f"{self.name} {type(self.backbone).__qualname__} "
