@@ -12,9 +12,10 @@ import logging
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.fabric.utilities.seed import _set_rng_states
+
+from finetune import rng_states
 
 log = logging.getLogger("finetune")
 
@@ -33,16 +34,10 @@ class ResumeState(L.Callback):
         self._to_restore: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=True)
-        # numpy's state holds an ndarray, which torch's weights-only unpickler refuses: as a tensor.
-        kind, keys, *rest = states["numpy"]
-        return {"rng": {**states, "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest)}}
+        return {"rng": rng_states.collect(include_cuda=True)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        states = dict(state_dict["rng"])
-        kind, keys, *rest = states["numpy"]
-        states["numpy"] = (kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest)
-        self._to_restore = states
+        self._to_restore = rng_states.as_numpy_state(state_dict["rng"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._to_restore is None:

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.decode import decoder, load_rgb
-from finetune.data.file_walk import iter_files, printable
+from finetune.data.file_walk import iter_files, open_regular, printable
 from finetune.data.transforms import BatchResize, Preprocessing, eval_pipeline
 from finetune.errors import FinetuneError
 
@@ -86,7 +86,7 @@ def largest_side(files: list[Path], samples: int = 16) -> int | None:
     sides = []
     for path in files:
         try:
-            with Image.open(path) as image:
+            with open_regular(path) as f, Image.open(f) as image:  # a FIFO: skipped, never a blocked read
                 sides.append(max(image.size))
         except (*_UNREADABLE, UnidentifiedImageError):
             continue

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from finetune import rng_states
 
 _GENERATOR = "finetune_generator"
 
@@ -49,11 +50,12 @@ class WorkerRngState(Dataset):
         return self.dataset[index]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": rank_zero_only.rank, "rng": _collect_rng_states(include_cuda=False)}
+        # As plain data (numpy's keys as a tensor): checkpoints load weights-only.
+        return {"rank": rank_zero_only.rank, "rng": rng_states.collect(include_cuda=False)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("rank") == rank_zero_only.rank:
-            _set_rng_states(state["rng"])
+            rng_states.restore(state["rng"])
 
 
 class ResumableDataLoader(StatefulDataLoader):

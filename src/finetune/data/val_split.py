@@ -54,7 +54,8 @@ def listing_digest(dataset: Dataset, names: Sequence[str] | None) -> str:
         text = repr(dataset.fingerprint())
     else:
         text = repr((type(dataset).__name__, len(dataset), list(getattr(dataset, "targets", []) or [])))
-    return hashlib.sha256(text.encode()).hexdigest()
+    # surrogateescape: file names that are not UTF-8 (finetune.data.file_walk) hash as their bytes.
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def draw(dataset: Dataset, val_fraction: float, seed: int) -> tuple[list[int], list[int], dict[str, Any]]:
