@@ -138,7 +138,7 @@ def _trained_lrs(ckpt_path: Path) -> tuple[float, list[float]]:
     """(the checkpoint's configured lr, each param group's lr / lr_mult as the optimizer trained)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     groups = ckpt["optimizer_states"][0]["param_groups"]
-    return ckpt["hyper_parameters"]["optimizer"].keywords["lr"], [g["lr"] / g.get("lr_mult", 1.0) for g in groups]
+    return ckpt["hyper_parameters"]["optimizer"]["lr"], [g["lr"] / g.get("lr_mult", 1.0) for g in groups]
 
 
 @pytest.mark.slow  # two training runs and a search
