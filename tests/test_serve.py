@@ -48,7 +48,8 @@ slow = pytest.mark.slow
 def ckpt(shapes_folder, tmp_path_factory) -> Path:
     """A one-epoch run on the shapes (calibrate=true: the checkpoint carries a fitted temperature)."""
     out = tmp_path_factory.mktemp("serve_run")
-    train(compose_train([f"data.root={shapes_folder}", *RUN], out_dir=out))
+    # The server runs with tta=hflip: calibration also fits the temperature of hflip-averaged logits.
+    train(compose_train([f"data.root={shapes_folder}", *RUN, "callbacks.calibration.tta=hflip"], out_dir=out))
     (best,) = (out / "checkpoints").glob("epoch_*.ckpt")
     assert load_classifier(best).temperature != 1.0  # so the parity test sees it applied
     return best

@@ -92,6 +92,9 @@ def export(cfg: DictConfig) -> dict:
                    "note": f"the network's logits divided by the temperature ({temperature:.6g}, fitted on "
                            "the validation split); softmax gives calibrated class probabilities"},
         "temperature": temperature,
+        # Temperatures fitted on test-time-augmented logits (tta=hflip): a server averaging the
+        # views rescales the averaged logits from `temperature` to these.
+        "tta_temperatures": dict(getattr(model, "tta_temperatures", {}) or {}),
         "class_names": list(model.class_names),
         "preprocessing": {
             "resize_size": p.resize_size, "crop_size": p.crop_size, "interpolation": p.interpolation,

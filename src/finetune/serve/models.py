@@ -57,6 +57,15 @@ class OnnxModel:
         meta = json.loads(described.read_text())
         self.session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
         self.tta, self.class_names = tta, list(meta["class_names"])
+        # The graph divides by the plain temperature; TTA-averaged logits need their own.
+        self.tta_rescale = 1.0
+        if tta is not None and meta.get("temperature", 1.0) != 1.0:
+            tta_temperature = (meta.get("tta_temperatures") or {}).get(tta)
+            if tta_temperature is None:
+                raise FinetuneError(f"tta={tta}: {described.name} has no temperature fitted on {tta}-averaged "
+                                    "logits; export again from a checkpoint trained with tta (or serve ckpt_path=, "
+                                    "or tta=null)")
+            self.tta_rescale = float(meta["temperature"]) / float(tta_temperature)
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.info = {"name": meta.get("architecture"), "format": "onnx",
                      "temperature": meta["temperature"], "tta": tta}
@@ -67,7 +76,7 @@ class OnnxModel:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         logits = self._logits(images)  # already divided by the temperature (folded in at export)
         if self.tta == "hflip":
-            logits = (logits + self._logits(images.flip(-1).contiguous())) / 2
+            logits = (logits + self._logits(images.flip(-1).contiguous())) / 2 * self.tta_rescale
         return logits.float().softmax(dim=-1)
 
 
