@@ -85,6 +85,10 @@ class Strategy(L.Callback):
         pl_module.finetune_starts_at_epoch = self.joins_at or 0
         self.joined_at = 0 if self.joins_at == 0 else None
         self._apply()
+        if self.joins_at is not None:  # a default that changes what trains: said out loud
+            log.info("BatchNorm statistics %s while the backbone trains (finetune.bn=%s; %s)", "stay as pretrained"
+                     if self.bn == "frozen" else "follow the batches", self.bn,
+                     "finetune.bn=train updates them" if self.bn == "frozen" else "finetune.bn=frozen keeps them")
 
     def state_dict(self) -> dict[str, Any]:
         return {"joined_at": self.joined_at}
