@@ -221,7 +221,8 @@ def test_prepare_argv_replays_a_run_dirs_overrides_under_the_command_lines(tmp_p
     ({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "79", "SLURM_JOB_NAME": "interactive"}, None),  # salloc/srun --pty
     ({}, None),
 ])
-def test_a_slurm_batch_job_runs_in_a_dir_named_after_the_job(environ, run_dir):
+def test_a_slurm_batch_job_runs_in_a_dir_named_after_the_job(environ, run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a known run dir is locked (finetune.run_lock): "mine" goes here
     argv = prepare_argv(["train.py", "seed=1"], environ=environ)
     assert argv == ["train.py", "seed=1"] + ([f"hydra.run.dir={run_dir}"] if run_dir else [])
     assert prepare_argv(["train.py", "hydra.run.dir=mine"], environ=environ) == ["train.py", "hydra.run.dir=mine"]
