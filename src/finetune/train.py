@@ -22,6 +22,7 @@ from finetune.config_checks import check_input_size, check_numbers, check_option
 from finetune.config_source import CONFIG_PATH
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
+from finetune.finetuning.sizing import size_from_data
 from finetune.hparams_view import FIT_TIME
 from finetune.lr_finder import tune_learning_rate
 from finetune.requeue import RequeueOnSignal
@@ -56,6 +57,13 @@ def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModul
         cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
     )
     model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    sized = {}
+    if cfg.get("sizing"):  # the recipe's resolution, schedule length and MixUp from the data
+        plan = size_from_data(cfg, datamodule, eval_size=model.preprocessing.crop_size)
+        datamodule.set_training(plan.train_image_size, plan.mixup_alpha)
+        model.set_preprocessing(datamodule.adopt(model.preprocessing))
+        sized = {"max_epochs": plan.max_epochs}
+        log.info("%s", plan.line)
     if cfg.data.get("image_size") is not None:  # the weights' own size needs no check
         check_input_size(model.backbone, model.preprocessing.crop_size, channels_last=model.channels_last)
     if cfg.data.get("train_image_size") is not None:
@@ -79,7 +87,8 @@ def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModul
     loggers = instantiate_all(cfg.get("logger"))
     plugins, slurm_callbacks = slurm_requeue(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + slurm_callbacks,
-                                                 logger=loggers or False, **({"plugins": plugins} if plugins else {}))
+                                                 logger=loggers or False, **({"plugins": plugins} if plugins else {}),
+                                                 **sized)
     log_hyperparameters(cfg, loggers, image_size=model.preprocessing.crop_size, resuming=resuming)
     return datamodule, model, trainer
 

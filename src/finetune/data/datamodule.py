@@ -185,6 +185,13 @@ class ImageDataModule(L.LightningDataModule):
         self.datasets.clear()
         return self.preprocessing
 
+    def set_training(self, train_image_size: int | None, mixup_alpha: float) -> None:
+        """The training crop and MixUp a recipe sized from the data chose
+        (finetune.finetuning.sizing), as if configured; the model adopts the preprocessing again."""
+        self.overrides["train_crop_size"] = train_image_size
+        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
+        self.datasets.clear()
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
