@@ -17,18 +17,42 @@ frozen stage keeps a reducer over the head alone and costs what it did.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, TensorDataset
 
 from finetune.errors import FinetuneError
-from finetune.finetuning.feature_cache import FeatureCache
+from finetune.finetuning.feature_cache import FeatureCache, FeatureSource
 
 log = logging.getLogger("finetune")
 BN_MODES = ("frozen", "train")
+
+
+@runtime_checkable
+class FeatureData(FeatureSource, Protocol):
+    """What the strategies that train the head on cached features use of a data module
+    (`finetune.data.datamodule.ImageDataModule`'s data contract), besides what the cache reads."""
+
+    @property
+    def random_training(self) -> bool: ...
+
+    @property
+    def mixes_batches(self) -> bool: ...
+
+    def use_stand_in(self, stand_in: Callable[[str], Dataset | None] | None) -> None: ...
+
+    def train_eval_view(self) -> Dataset: ...
+
+
+def feature_data(trainer: L.Trainer) -> FeatureData | None:
+    """The trainer's data module if it can stand cached features in for its splits, else None."""
+    datamodule = trainer.datamodule
+    return datamodule if isinstance(datamodule, FeatureData) else None
 
 
 def rewrap_ddp(trainer: L.Trainer) -> bool:
@@ -148,12 +172,11 @@ class Frozen(Strategy):
         self.cache_dir = cache_dir
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = feature_data(trainer)
         if self.feature_cache is False or datamodule is None:
             return
         # Random crops/flips, an auto-augment policy or MixUp/CutMix: features differ every epoch.
-        deterministic = not getattr(datamodule, "random_training", datamodule.preprocessing.augment)
-        if not deterministic:
+        if datamodule.random_training:
             if self.feature_cache == "auto":
                 log.info("feature cache off: the training data is random (data.augment, data.auto_augment, "
                          "data.mixup_alpha, data.cutmix_alpha; turn them off to use it)")
@@ -164,17 +187,17 @@ class Frozen(Strategy):
                     "on cached backbone features; set finetune.callback.feature_cache=auto (it stays off with "
                     "mixing) or the alphas to 0")
             log.warning("feature cache on with data augmentation: every epoch sees the same augmented view")
-        datamodule.setup("fit")
         cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir,
                              name=pl_module.hparams.get("name"),
                              channels_last=bool(getattr(pl_module, "channels_last", False)))
         features = {split: cache.features(datamodule, split) for split in ("train", "val")}
-        datamodule.stand_in = features.get
+        datamodule.use_stand_in(features.get)
         pl_module.takes_features = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.datamodule is not None:
-            trainer.datamodule.stand_in = None
+        datamodule = feature_data(trainer)
+        if datamodule is not None:
+            datamodule.use_stand_in(None)
         pl_module.takes_features = False
 
 
@@ -224,7 +247,7 @@ class LinearProbeThenFinetune(Gradual):
         self.ft_lr_mult = ft_lr_mult
         self.feature_cache = feature_cache
         self.cache_dir = cache_dir
-        self._features: dict[str, Any] = {}
+        self._features: dict[str, TensorDataset] = {}
         self._reload_every: int | None = None
         self._trainer: L.Trainer | None = None
 
@@ -232,19 +255,19 @@ class LinearProbeThenFinetune(Gradual):
         """Offer the datamodule cached features as a stand-in for the train and val images. It asks
         each time the Trainer builds a loader, which is after a checkpoint restored the epoch: a run
         resumed in stage 2 never computes features."""
-        datamodule = trainer.datamodule
-        if self.feature_cache is False or datamodule is None or not hasattr(datamodule, "stand_in"):
+        datamodule = feature_data(trainer)
+        if self.feature_cache is False or datamodule is None:
             log.info("LP-FT stage 1: the head trains on images through the frozen backbone (feature cache off)")
             return
         self._cache = FeatureCache(pl_module.backbone, trainer, self.cache_dir, name=pl_module.hparams.get("name"),
                                    channels_last=bool(getattr(pl_module, "channels_last", False)))
         self._trainer = trainer
-        datamodule.stand_in = self.stand_in
+        datamodule.use_stand_in(self.stand_in)
 
     def in_stage_one(self) -> bool:
         return self.joined_at is None
 
-    def stand_in(self, split: str) -> Any:
+    def stand_in(self, split: str) -> TensorDataset | None:
         """`split`'s backbone features while stage 1 trains (train: the training images through
         the evaluation transform), else None: the images."""
         trainer = self._trainer
@@ -252,15 +275,9 @@ class LinearProbeThenFinetune(Gradual):
                 or trainer.state.fn != TrainerFn.FITTING:
             return None
         if split not in self._features:
-            datamodule = trainer.datamodule
-            datamodule.setup("fit")
-            images = datamodule.datasets["train"]
-            if split == "train":
-                datamodule.datasets["train"] = datamodule.train_eval_view()
-            try:
-                self._features[split] = self._cache.features(datamodule, split)
-            finally:
-                datamodule.datasets["train"] = images
+            datamodule = feature_data(trainer)
+            images = datamodule.train_eval_view() if split == "train" else None
+            self._features[split] = self._cache.features(datamodule, split, images)
             log.info("LP-FT stage 1: the head trains on cached %s features for %d epochs", split, self.lp_epochs)
         trainer.lightning_module.takes_features = True
         return self._features[split]
@@ -284,10 +301,10 @@ class LinearProbeThenFinetune(Gradual):
             self._reload_every = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if getattr(datamodule, "stand_in", None) == self.stand_in:
-            datamodule.stand_in = None
-        self._features = {}
+        datamodule = feature_data(trainer)
+        if datamodule is not None and self._trainer is not None:  # it offered the stand-in
+            datamodule.use_stand_in(None)
+        self._features, self._trainer = {}, None
         pl_module.takes_features = False
 
     def join(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
