@@ -28,10 +28,10 @@ from pathlib import Path
 from _common import CIFAR_TARBALL, product_config, scratch_dir
 from PIL import Image
 
-from finetune.data.datamodule import default_num_workers
 from finetune.data.folder import FolderDataModule
 from finetune.data.streaming import StreamingDataModule
 from finetune.data.transforms import Preprocessing
+from finetune.data.workers import default_num_workers
 from finetune.optimize import convert
 
 SIZE = (500, 375)  # the hot-dog photos' typical size

@@ -29,13 +29,18 @@ import re
 import tempfile
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from finetune.data.subsets import innermost
+
+if TYPE_CHECKING:
+    from finetune.data.transforms import BatchResize
 
 log = logging.getLogger("finetune")
 FORMAT = 3  # bump when what an entry holds, how its key is made, or what the decoder does changes
@@ -93,12 +98,6 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
-def _innermost(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
 def dataset_fingerprint(dataset: Dataset) -> str | None:
     """What the data set holds (not how it is transformed); None when that cannot be told."""
     if isinstance(dataset, Subset):
@@ -122,31 +121,30 @@ def precision_description(trainer: L.Trainer) -> str:
     return f"{type(plugin).__qualname__}({precision}) on {trainer.strategy.root_device.type}"
 
 
-def batch_step(datamodule: Any, dataset: Dataset) -> Any:
-    """The per-batch step (a `BatchResize` or None) the uncached path gives `dataset`'s batches."""
-    step_for = getattr(datamodule, "batch_step_for", None)
-    return step_for(dataset) if step_for is not None else getattr(datamodule, "batch_transform", None)
+class FeatureSource(Protocol):
+    """What the cache uses of a data module (`finetune.data.datamodule.ImageDataModule`'s data
+    contract): a split's images, a loader that reads them in order, and the per-batch step that
+    goes with their transform."""
 
+    def images(self, split: str) -> Dataset: ...
 
-def _per_batch(datamodule: Any, dataset: Dataset) -> Any:
-    """(images, targets) -> what the model gets: the step of `dataset`'s own transform (train and
-    eval sizes may differ), or for a datamodule without `batch_step_for` its hook."""
-    if datamodule is None:
-        return lambda batch: batch
-    if not hasattr(datamodule, "batch_step_for"):
-        return lambda batch: datamodule.on_after_batch_transfer(batch, 0)
-    step = datamodule.batch_step_for(dataset)
-    return lambda batch: datamodule.resize_batch(batch, step)
+    def ordered_loader(self, dataset: Dataset) -> DataLoader: ...
+
+    def batch_step_for(self, dataset: Dataset) -> BatchResize | None: ...
+
+    def resize_batch(self, batch: Any, step: BatchResize | None) -> Any: ...
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...  # named in the key
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
+    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, source: FeatureSource | None = None,
     channels_last: bool = False,
 ) -> TensorDataset:
     """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
 
-    Batches go through the datamodule's per-batch step for the loader's data set (`batch_step_for`,
+    Batches go through the source's per-batch step for the loader's data set (`batch_step_for`,
     what `on_after_batch_transfer` gives them in training or evaluation) and the precision plugin, and
     into the memory format the model's `forward` uses, as they would in training (small sources
     are resized and normalised on the device there).
@@ -155,12 +153,13 @@ def extract_features(
     backbone.eval()
     device = trainer.strategy.root_device
     features, labels = [], []
-    per_batch = _per_batch(datamodule, loader.dataset)
+    step = source.batch_step_for(loader.dataset) if source is not None else None
     try:
         with trainer.precision_plugin.forward_context():
             for images, targets in loader:
                 images = images.to(device)
-                images, targets = per_batch((images, targets))
+                if source is not None:
+                    images, targets = source.resize_batch((images, targets), step)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 features.append(backbone(images).float().cpu())
@@ -192,15 +191,17 @@ class FeatureCache:
     def _backbone_key(self) -> str:
         return module_fingerprint(self.backbone)
 
-    def key_parts(self, datamodule: Any, split: str) -> tuple[dict[str, str] | None, str]:
-        """(everything a feature of `split` depends on, as text; "") or (None, why not)."""
-        dataset = datamodule.datasets[split]
+    def key_parts(self, source: FeatureSource, split: str,
+                  images: Dataset | None = None) -> tuple[dict[str, str] | None, str]:
+        """(everything a feature of `split` depends on, as text; "") or (None, why not); `images`:
+        what its features are computed from (None: `source.images(split)`)."""
+        dataset = source.images(split) if images is None else images
         data = dataset_fingerprint(dataset)
         if data is None:
-            return None, (f"the {type(_innermost(dataset)).__name__} data set has no fingerprint() "
+            return None, (f"the {type(innermost(dataset)).__name__} data set has no fingerprint() "
                           "(nor samples, nor data and targets)")
-        base = _innermost(dataset)
-        hook = getattr(type(datamodule), "on_after_batch_transfer", None)
+        base = innermost(dataset)
+        hook = type(source).on_after_batch_transfer
         parts = {
             "format": str(FORMAT),
             "split": split,
@@ -208,7 +209,7 @@ class FeatureCache:
             "per_image": f"loader={describe(getattr(base, 'loader', None))} "
                          f"transform={describe(getattr(base, 'transform', None))} "
                          f"target_transform={describe(getattr(base, 'target_transform', None))}",
-            "per_batch": f"{describe(hook)}: {describe(batch_step(datamodule, dataset))}",
+            "per_batch": f"{describe(hook)}: {describe(source.batch_step_for(dataset))}",
             "precision": precision_description(self.trainer),
             "memory_format": "channels_last" if self.channels_last else "contiguous",
             "backbone": f"{self.name} {type(self.backbone).__qualname__} "
@@ -219,50 +220,50 @@ class FeatureCache:
             return None, f"the {', '.join(unstable) or 'backbone'} description holds a memory address: {parts}"
         return parts, ""
 
-    def path_for(self, datamodule: Any, split: str) -> Path | None:
+    def path_for(self, source: FeatureSource, split: str, images: Dataset | None = None) -> Path | None:
         """Where `split`'s features are kept; None when there is no cache dir or no key."""
         if self.cache_dir is None:
             return None
-        parts, _ = self.key_parts(datamodule, split)
+        parts, _ = self.key_parts(source, split, images)
         return None if parts is None else self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
 
-    def features(self, datamodule: Any, split: str) -> TensorDataset:
-        """`split`'s features: from the cache when its key matches, else computed (and kept)."""
+    def features(self, source: FeatureSource, split: str, images: Dataset | None = None) -> TensorDataset:
+        """`split`'s features: from the cache when its key matches, else computed (and kept).
+        `images`: what they are computed from (None: `source.images(split)`; LP-FT passes the
+        training images through the evaluation transform)."""
+        images = source.images(split) if images is None else images
         if self.cache_dir is None:
-            return self._compute(datamodule, split)
-        parts, why = self.key_parts(datamodule, split)
+            return self._compute(source, split, images)
+        parts, why = self.key_parts(source, split, images)
         if parts is None:
             log.warning("feature cache: not kept for %s: %s", split, why)
-            return self._compute(datamodule, split)
+            return self._compute(source, split, images)
         path = self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
         if not self.trainer.is_global_zero:  # only rank zero writes; the others read or compute
-            return self._load(path, parts, datamodule, split) or self._compute(datamodule, split)
+            return self._load(path, parts, len(images), split) or self._compute(source, split, images)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Concurrent runs (a sweep) wait for the one computing this entry, then read it.
         with FileLock(f"{path}.lock"):
-            cached = self._load(path, parts, datamodule, split)
+            cached = self._load(path, parts, len(images), split)
             if cached is not None:
                 return cached
-            result = self._compute(datamodule, split)
+            result = self._compute(source, split, images)
             self._save(path, parts, result)
         return result
 
-    def _compute(self, datamodule: Any, split: str) -> TensorDataset:
-        # A generator of its own: a cache miss must not draw from the global RNG, or a warm-cache
-        # run would shuffle differently from a cold one.
-        loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
-                            num_workers=datamodule.loader_workers(), generator=torch.Generator(),
-                            collate_fn=getattr(datamodule, "collate", None))
-        result = extract_features(self.backbone, loader, self.trainer, datamodule, self.channels_last)
+    def _compute(self, source: FeatureSource, split: str, images: Dataset) -> TensorDataset:
+        # In order, with a generator of its own (`ordered_loader`): a cache miss must not draw from
+        # the global RNG, or a warm-cache run would shuffle differently from a cold one.
+        loader = source.ordered_loader(images)
+        result = extract_features(self.backbone, loader, self.trainer, source, self.channels_last)
         log.info("feature cache: computed %s features of %d images", split, len(result))
         return result
 
-    def _load(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset | None:
+    def _load(self, path: Path, parts: dict[str, str], n: int, split: str) -> TensorDataset | None:
         """The entry at `path` if it exists and was made from exactly `parts`, for as many images."""
         if not path.exists():
             return None
         entry = torch.load(path, weights_only=True)
-        n = len(datamodule.datasets[split])
         if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n:
             log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
             return None
