@@ -148,8 +148,8 @@ class ImageDataModule(L.LightningDataModule):
         """The training crop and MixUp a recipe sized from the data chose
         (finetune.finetuning.sizing), as if configured; the model adopts the preprocessing again."""
         self.overrides["train_crop_size"] = train_image_size
-        self.mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
-        self.datasets.clear()
+        self.mixup_alpha = check_alpha("mixup_alpha", mixup_alpha)
+        self._datasets.clear()
 
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:

@@ -133,9 +133,8 @@ def size_from_data(cfg: DictConfig, datamodule: Any, eval_size: int) -> Plan:
         chosen["train_image_size"] = cfg.data.train_image_size
     if cfg.data.get("mixup_alpha"):
         chosen["mixup_alpha"] = cfg.data.mixup_alpha
-    datamodule.setup("fit")
     scheduler = cfg.model.get("scheduler") or {}
-    return plan_recipe(Rule(**sizing), n_train=len(datamodule.datasets["train"]), source_size=datamodule.source_size(),
+    return plan_recipe(Rule(**sizing), n_train=len(datamodule.images("train")), source_size=datamodule.source_size(),
                        eval_size=eval_size, batch_size=int(cfg.data.batch_size), finetune_starts_at=finetune_start(cfg),
                        warmup_fraction=float(scheduler.get("warmup_fraction", 0.0)),
                        max_epochs=cfg.trainer.get("max_epochs"), **chosen)
