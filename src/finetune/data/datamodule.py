@@ -79,7 +79,8 @@ def _innermost(dataset: Dataset) -> Dataset:
 class ImageDataModule(L.LightningDataModule):
     """Image classification data with transforms from the model's preprocessing.
 
-    Sizes, mean and std left as None are taken from the pretrained weights (see `adopt`).
+    Sizes, mean and std left as None are taken from the pretrained weights: the entry point
+    decides the preprocessing once (`decide_preprocessing`) and hands it to `use_preprocessing`.
     """
 
     def __init__(
@@ -179,11 +180,16 @@ class ImageDataModule(L.LightningDataModule):
         policy, MixUp/CutMix), so backbone features of it cannot be computed once and cached."""
         return bool(self.preprocessing.augment or self.preprocessing.auto_augment or self.mixes_batches)
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
-        """Use the model's preprocessing, with this config's explicit values on top."""
-        self.preprocessing = model_preprocessing.override(**self.overrides)
+    def source_preprocessing(self) -> dict[str, Any]:
+        """The source's own preprocessing settings, which `decide_preprocessing` puts between the
+        weights' and this config's `overrides`; none but a converted data set's (streaming.py)."""
+        return {}
+
+    def use_preprocessing(self, p: Preprocessing) -> None:
+        """Transform with `p`, the run's one decided preprocessing (finetune.data.preprocessing),
+        the same record the model holds."""
+        self.preprocessing = p
         self.datasets.clear()
-        return self.preprocessing
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
