@@ -14,7 +14,12 @@ import torchvision
 from finetune.errors import FinetuneError
 from finetune.models import ImageClassifier, create_backbone
 from finetune.models.architecture import Architecture
-from finetune.models.weights import cache_path, fetch_state_dict, preprocessing_of, torchvision_weights
+from finetune.models.weights import (
+    cache_path,
+    fetch_state_dict,
+    preprocessing_of,
+    torchvision_weights,
+)
 
 TINY = Architecture("torchvision", "tiny")  # a network these tests build themselves (an nn.Linear)
 

@@ -182,16 +182,22 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     metrics[FIT_TIME] = fit_time
 
     if cfg.get("test"):
-        if not best:
-            log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
-        model.set_tta(cfg.get("tta"))
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        if best:
-            log.info("best checkpoint: %s", best)
+        metrics.update(final_test(trainer, model, datamodule, best, cfg.get("tta"), weights_only))
     if trainer.is_global_zero:
         report(metrics, best, Path(cfg.paths.output_dir))
     return metrics
+
+
+def final_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, best: str,
+              tta: str | None, weights_only: bool) -> dict[str, float]:
+    """test/* of the best checkpoint (with `tta`), or of the current weights when there is none."""
+    if not best:
+        log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
+    model.set_tta(tta)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
+    if best:
+        log.info("best checkpoint: %s", best)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def report(metrics: dict[str, float], best: str, run_dir: Path) -> None:

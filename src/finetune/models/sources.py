@@ -10,7 +10,6 @@ kept, so nothing parses the value again.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from finetune.models.downloads import (
     cache_path,
     fetch_state_dict,
     fetch_url,
+    load_state_dict_file,
     socket_timeout,
     url_cache_path,
 )
@@ -91,26 +91,6 @@ def timm_pretrained_name(arch: str, weights: str | None) -> str | None:
         tags = ", ".join(["DEFAULT", *(n.split(".", 1)[1] for n in available)])
         raise FinetuneError(f"model.weights={weights} is not a pretrained tag of {arch}; choose one of: {tags}")
     return name
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FinetuneError(f"model.weights={path}: no such file; give a state dict saved with torch.save")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise FinetuneError(
-            f"model.weights={path} holds pickled objects besides tensors, which are not loaded "
-            "(weights_only); save just the tensors: torch.save(model.state_dict(), path)"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
 
 
 def _load_by_name(model: nn.Module, model_name: str, weights: str, state: dict[str, torch.Tensor]) -> None:

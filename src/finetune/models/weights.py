@@ -31,7 +31,13 @@ from torchvision.models import WeightsEnum
 
 from finetune.data.transforms import Preprocessing
 from finetune.models.architecture import Architecture, architecture
-from finetune.models.downloads import cache_path, fetch_state_dict, fetch_url, url_cache_path  # noqa: F401
+from finetune.models.downloads import (  # noqa: F401  (their former home)
+    cache_path,
+    fetch_state_dict,
+    fetch_url,
+    load_state_dict_file,
+    url_cache_path,
+)
 from finetune.models.sources import (  # noqa: F401  (the forms' helpers, for callers of this module)
     FileSource,
     PackagedSource,
@@ -43,7 +49,6 @@ from finetune.models.sources import (  # noqa: F401  (the forms' helpers, for ca
     is_file_reference,
     is_named,
     is_url,
-    load_state_dict_file,
     timm_pretrained_name,
     torchvision_weights,
 )
