@@ -17,6 +17,7 @@ from conftest import compose_train
 from finetune.data.folder import FolderDataModule
 from finetune.data.resized_cache import shrink
 from finetune.data.shapes import ShapesDataModule, draw_shape, write_image_folder
+from finetune.data.preprocessing import decide_for
 from finetune.data.transforms import Preprocessing
 from finetune.optimize import EncodeImages, convert
 
@@ -41,7 +42,7 @@ def _datamodule(kind: str, converted_dir: Path | None):
         dm = StreamingDataModule(str(converted_dir), batch_size=4, num_workers=0)
     else:
         dm = ShapesDataModule(train_size=16, val_size=4, test_size=4, native_size=40, batch_size=4, num_workers=0)
-    dm.adopt(Preprocessing(crop_size=32, resize_size=32))
+    decide_for(dm, Preprocessing(crop_size=32, resize_size=32))
     dm.setup("fit")
     return dm
 
@@ -86,7 +87,7 @@ def test_the_resized_copy_and_the_converted_chunks_hold_the_same_bytes(tmp_path,
         draw_shape(label, np.random.default_rng(label), 300).resize((300, 220)).save(folder / "a.jpg", quality=97)
     short_side = 64
     dm = FolderDataModule(str(root), draft_decode=draft, num_workers=0)
-    dm.adopt(Preprocessing(crop_size=short_side, resize_size=short_side))
+    decide_for(dm, Preprocessing(crop_size=short_side, resize_size=short_side))
     dataset = dm.make_split("train", None)
     encode = EncodeImages(dataset, short_side)
     for index, (path, _) in enumerate(dataset.samples):

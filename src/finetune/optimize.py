@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from finetune.config_source import CONFIG_PATH
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.jpeg import jpeg_bytes
+from finetune.data.preprocessing import decide_for
 from finetune.data.storage import (
     allow_plain_http_endpoint,
     exists,
@@ -36,7 +37,7 @@ from finetune.data.streaming import FORMAT, METADATA, StreamingDataModule
 from finetune.data.subsets import drop_late_failures
 from finetune.data.workers import available_cpus
 from finetune.errors import FinetuneError
-from finetune.models.backbones import build_network
+from finetune.models import weights as weights_lib
 from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
@@ -83,8 +84,8 @@ def convert(data_cfg: DictConfig, model_name: str, weights: str | None, output: 
     output = normalise_dir(output)
     if is_remote(output):
         allow_plain_http_endpoint()
-    _, _, model_preprocessing = build_network(model_name, weights)  # the weights' sizes, not loaded
-    p = datamodule.adopt(model_preprocessing)
+    defaults = weights_lib.resolve(model_name, weights).preprocessing  # the weights' sizes: no network built
+    p = decide_for(datamodule, defaults)
     datamodule.prepare_data()
     short_side = max(p.resize_size, p.crop_size)
     workers = num_workers or available_cpus()

@@ -44,7 +44,8 @@ StandIn = Callable[[str], "Dataset | None"]  # split -> what its loader reads in
 class ImageDataModule(L.LightningDataModule):
     """Image classification data with transforms from the model's preprocessing.
 
-    Sizes, mean and std left as None are taken from the pretrained weights (see `adopt`).
+    Sizes, mean and std left as None are taken from the pretrained weights: the entry point
+    decides the preprocessing once (`decide_preprocessing`) and hands it to `use_preprocessing`.
     """
 
     def __init__(
@@ -138,18 +139,21 @@ class ImageDataModule(L.LightningDataModule):
         """Training's per-batch step (at `data.train_image_size`), else None."""
         return self._transforms.train_batch if self._transforms else None
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
-        """Use the model's preprocessing, with this config's explicit values on top."""
-        self.preprocessing = model_preprocessing.override(**self.overrides)
-        self._datasets.clear()
-        return self.preprocessing
+    def source_preprocessing(self) -> dict[str, Any]:
+        """The source's own preprocessing settings, which `decide_preprocessing` puts between the
+        weights' and this config's `overrides`; none but a converted data set's (streaming.py)."""
+        return {}
 
-    def set_training(self, train_image_size: int | None, mixup_alpha: float) -> None:
-        """The training crop and MixUp a recipe sized from the data chose
-        (finetune.finetuning.sizing), as if configured; the model adopts the preprocessing again."""
-        self.overrides["train_crop_size"] = train_image_size
-        self.mixup_alpha = check_alpha("mixup_alpha", mixup_alpha)
+    def use_preprocessing(self, p: Preprocessing) -> None:
+        """Transform with `p`, the run's one decided preprocessing (finetune.data.preprocessing),
+        the same record the model holds."""
+        self.preprocessing = p
         self._datasets.clear()
+
+    def use_mixup(self, mixup_alpha: float) -> None:
+        """MixUp as a recipe sized from the data chose (finetune.finetuning.sizing), as if configured."""
+        self.mixup_alpha = check_alpha("mixup_alpha", mixup_alpha)
+        self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:

@@ -173,9 +173,9 @@ class FolderDataModule(ImageDataModule):
             self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files, sizes)
         return self._unreadable
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
+    def use_preprocessing(self, p: Preprocessing) -> None:
         self._image_root = None  # the cache is keyed by the resize size
-        return super().adopt(model_preprocessing)
+        super().use_preprocessing(p)
 
     def make_split(self, split: str, transform) -> Dataset | None:
         folder = self.image_root() / split

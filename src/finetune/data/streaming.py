@@ -155,7 +155,8 @@ class ResumableStreamingLoader(StreamingDataLoader):
 
 class StreamingDataModule(ImageDataModule):
     """Images from a data set converted by `python -m finetune.optimize`: the source's classes and
-    preprocessing (its explicit data.* settings, on top of the model's), then this config's."""
+    preprocessing (its explicit data.* settings, on top of the model's, `source_preprocessing`),
+    then this config's."""
 
     def __init__(self, input_dir: str, cache_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -178,21 +179,20 @@ class StreamingDataModule(ImageDataModule):
     def source_size(self) -> int | None:
         return self.metadata.get("source_size")
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
-        """The model's preprocessing with the source's explicit settings, then this config's, on top:
-        the transforms the source itself would have had. The pixels were decoded at conversion, so
-        `draft_decode` is the source's (predict and export decode files as the images were)."""
+    def source_preprocessing(self) -> dict[str, Any]:
+        """The source's explicit settings at conversion: the transforms the source itself would
+        have had. The pixels were decoded at conversion, so `draft_decode` is the source's
+        (predict and export decode files as the images were)."""
         stored = self.metadata["preprocessing"]
-        p = model_preprocessing.override(**self.metadata.get("overrides", {}))
-        p = p.override(draft_decode=stored.get("draft_decode", True))
-        super().adopt(p)  # this config's explicit values on top
-        short, stored_short = max(self.preprocessing.resize_size, self.preprocessing.crop_size), \
-            self.metadata.get("short_side")
+        return {**self.metadata.get("overrides", {}), "draft_decode": stored.get("draft_decode", True)}
+
+    def use_preprocessing(self, p: Preprocessing) -> None:
+        super().use_preprocessing(p)
+        short, stored_short = max(p.resize_size, p.crop_size), self.metadata.get("short_side")
         if stored_short and short > stored_short and (self.source_size() or short) > stored_short:
             log.warning("%s stores images with short side %d px, but this run resizes to %d px: they are "
                         "upsampled; convert again with this model and sizes for full detail",
                         self.input_dir, stored_short, short)
-        return self.preprocessing
 
     def prepare_data(self) -> None:
         self.metadata  # noqa: B018  (reads it: a bad URI or missing data fails here, in one line)

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
 AUTO = "auto"
@@ -49,6 +50,15 @@ class Plan:
     max_epochs: int
     mixup_alpha: float
     line: str
+
+    def apply(self, datamodule: Any, decided: Preprocessing) -> Preprocessing:
+        """The data module trains at the planned crop with the planned MixUp; returns the run's
+        preprocessing (the decided one, with the planned training crop) for the model to hold."""
+        if self.train_image_size is not None and self.train_image_size != decided.train_crop_size:
+            decided = decided.override(train_crop_size=self.train_image_size)
+            datamodule.use_preprocessing(decided)
+        datamodule.use_mixup(self.mixup_alpha)
+        return decided
 
 
 def _given(value: object) -> bool:
