@@ -15,9 +15,9 @@ from torch.utils.data import TensorDataset
 
 from conftest import compose_train
 from finetune.data.folder import FolderDataModule
+from finetune.data.preprocessing import decide_for
 from finetune.data.resized_cache import shrink
 from finetune.data.shapes import ShapesDataModule, draw_shape, write_image_folder
-from finetune.data.preprocessing import decide_for
 from finetune.data.transforms import Preprocessing
 from finetune.optimize import EncodeImages, convert
 
