@@ -5,11 +5,11 @@ fastai 2.8 pins torch<2.9; the project runs a newer torch, which must stay. So f
 venv that sees the system packages (torch, torchvision, timm, this project), installed without its
 dependencies, with the few pure-python or self-contained ones it imports added the same way:
 
-    python -m venv --system-site-packages /work/venv-fastai
-    /work/venv-fastai/bin/pip install --no-deps fastai==2.8.4 fastcore==1.8.18 fasttransform==0.0.2 \\
+    python -m venv --system-site-packages ../venv-fastai
+    ../venv-fastai/bin/pip install --no-deps fastai==2.8.4 fastcore==1.8.18 fasttransform==0.0.2 \\
         plum-dispatch==2.5.7 beartype fastprogress==1.0.3 fastdownload==0.0.7 pandas scikit-learn \\
         joblib threadpoolctl narwhals
-    PYTHONPATH=src /work/venv-fastai/bin/python benchmarks/fastai_compare.py --scale 900 \\
+    PYTHONPATH=src ../venv-fastai/bin/python benchmarks/fastai_compare.py --scale 900 \\
         --archive ../shared/data/cifar10-jpeg.tar.gz
     ... --scale smoke       # seconds: 4+2 photos per class, or generated shapes without the archive
 
@@ -25,13 +25,16 @@ Like for like with `recipes.py`:
   handed to fastai's `vision_learner` as its architecture: fastai cuts it at the pooling layer
   (`create_body`) and adds its own fresh head (concat pooling, BatchNorm, dropout, 512 hidden units),
   normalised with the weights' mean and std;
-- 224 px (the 32-px photos upsampled), batch 32, fp32 on the CPU.
+- 224 px (the 32-px photos upsampled), batch 32, fp32 on the CPU (fastai's default; `recipes.py`
+  runs at the product's `trainer.precision=auto`, bf16 on a CPU with AMX: `--precision 32-true`
+  there for fp32 on both sides).
 
 fastai's defaults, not ours: `fine_tune(3, base_lr=2e-3)` = one frozen epoch (one-cycle, peak 2e-3),
 then 3 epochs of the whole network with one-cycle at slice(1e-5, 1e-3) (discriminative rates: body
 1e-5 .. head 1e-3), Adam with fastai's weight decay 0.01 (true weight decay, not on BatchNorm/bias),
-BatchNorm layers trained (and in train mode, batch statistics) in both phases. No checkpoint
-selection: the last epoch's weights are tested, as `fine_tune` leaves them. Augmentation: fastai's
+BatchNorm layers trained (and in train mode, batch statistics) in both phases, the last incomplete
+training batch of each epoch dropped (fastai's loader: 900 train photos = 28 batches of 32). No
+checkpoint selection: the last epoch's weights are tested, as `fine_tune` leaves them. Augmentation: fastai's
 `aug_transforms()` on the batch (flips, rotation up to 10 deg, zoom up to 1.1, lighting 0.2, warp
 0.2) after `Resize(224)` per image (`--no-aug`: Resize only); ours trains on random-resized crops of
 scale (0.5, 1) and flips, bicubic.
@@ -54,6 +57,8 @@ from hydra.utils import instantiate
 from recipes import SCALES, scale_data
 
 from finetune.models import backbones, weights
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)  # fastai's import
 
 try:
     import pandas as pd
@@ -117,10 +122,15 @@ def run(root: Path, val_fraction: float, args: argparse.Namespace, out: Path) ->
     block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=sorted(items.label.unique()))),
                       get_x=ColReader("name", pref=f"{root}/"), get_y=ColReader("label"),
                       splitter=ColSplitter("is_valid"), item_tfms=Resize(args.image_size), batch_tfms=batch_tfms)
-    dls = block.dataloaders(items, bs=args.batch_size, device="cpu",
+    n_train, n_val = int((~items.is_valid).sum()), int(items.is_valid.sum())
+    # fastai drops the last incomplete training batch: with fewer images than a batch (the smoke
+    # scale) nothing would train, so the batch shrinks to the training set there.
+    bs = min(args.batch_size, n_train)
+    if bs < args.batch_size:
+        print(f"batch {bs}: only {n_train} training images", flush=True)
+    dls = block.dataloaders(items, bs=bs, device="cpu",
                             **({} if args.num_workers is None else {"num_workers": args.num_workers}))
     learn = vision_learner(dls, arch, normalize=False, metrics=accuracy)  # Normalize is in batch_tfms
-    n_train, n_val = int((~items.is_valid).sum()), int(items.is_valid.sum())
     print(f"fastai: {n_train} train, {n_val} val, {len(test)} test images; body {type(learn.model[0]).__name__} "
           f"of {cfg.model.name} ({cfg.model.weights}), fastai head {sum(q.numel() for q in learn.model[1].parameters())} "
           f"params; fine_tune({args.epochs}, base_lr={args.base_lr:g}, freeze_epochs={args.freeze_epochs}); "
@@ -148,7 +158,6 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="fastai's default: the CPUs, at most 16")
     parser.add_argument("--no-aug", action="store_true", help="Resize only, no aug_transforms()")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in fastai's imports
 
     work = scratch_dir("fastai-compare-")
     last_line = ""
