@@ -143,7 +143,7 @@ def run(root: Path, val_fraction: float, args: argparse.Namespace, out: Path) ->
         _, val_acc = learn.validate()
         _, test_acc = learn.validate(dl=dls.test_dl(test, with_labels=True))
     return {"val_acc": float(val_acc), "test_acc": float(test_acc), "fit_s": fit_s,
-            "wall_s": time.perf_counter() - start, "n_val": n_val, "n_test": len(test)}
+            "wall_s": time.perf_counter() - start, "n_val": n_val, "n_test": len(test), "batch": bs}
 
 
 def main() -> None:
@@ -164,7 +164,7 @@ def main() -> None:
     for scale in args.scale:
         root, val_fraction, what, _ = scale_data(scale, args, work)
         m = run(root, val_fraction, args, work / f"{scale}-run")
-        print(f"[{scale}] {what}; {args.image_size} px, fp32 CPU, batch {args.batch_size}: fastai fine_tune: "
+        print(f"[{scale}] {what}; {args.image_size} px, fp32 CPU, batch {m['batch']}: fastai fine_tune: "
               f"val {m['val_acc']:.4f} ({m['n_val']} images), test {m['test_acc']:.4f} ({m['n_test']} images), "
               f"fine_tune {m['fit_s']:.0f} s, wall {m['wall_s']:.0f} s", flush=True)
         last_line = f"fastai_acc={m['test_acc']:.4f} fastai_val_acc={m['val_acc']:.4f} wall_s={m['wall_s']:.0f} scale={scale}"
