@@ -16,6 +16,14 @@ everything that produced it is the same, so the key covers the whole path from f
 Anything that cannot be described the same way in every process (a lambda in a transform, a data
 set with no fingerprint) means no cache for that run, said in the log: a miss costs time, a wrong
 hit costs the result.
+
+An entry is two files: `SPLIT-KEY.npy`, the features (float32, one row per image), and `SPLIT-KEY.pt`,
+the key and the labels. Features stream to a temp `.npy` one batch at a time as they are computed
+(a million images through resnet50 are 8 GB of features: they must not sit in memory) and are read
+back memory-mapped, so training reads them through the page cache. The temp file is renamed into
+place only when every row is in, and the `.pt` is written after it: a run killed part way leaves
+no `.pt`, so nothing is ever read from a half-written entry, and the next run for that key
+deletes the leftover temp file. Without a cache dir the features are computed into memory.
 """
 
 from __future__ import annotations
@@ -28,17 +36,21 @@ import os
 import re
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
+import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from finetune.data.progress import Progress
+
 log = logging.getLogger("finetune")
-FORMAT = 3  # bump when what an entry holds, how its key is made, or what the decoder does changes
+FORMAT = 4  # bump when what an entry holds, how its key is made, or what the decoder does changes
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -140,11 +152,11 @@ def _per_batch(datamodule: Any, dataset: Dataset) -> Any:
 
 
 @torch.no_grad()
-def extract_features(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
-    channels_last: bool = False,
-) -> TensorDataset:
-    """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
+def _extract(
+    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any, channels_last: bool,
+    sink: Callable[[torch.Tensor, torch.Tensor], None], what: str,
+) -> None:
+    """Each batch's backbone outputs (float32, CPU) and labels, in order, handed to `sink` as they come.
 
     Batches go through the datamodule's per-batch step for the loader's data set (`batch_step_for`,
     what `on_after_batch_transfer` gives them in training or evaluation) and the precision plugin, and
@@ -154,21 +166,86 @@ def extract_features(
     modes = {m: m.training for m in backbone.modules()}  # per module: frozen BatchNorm is already eval
     backbone.eval()
     device = trainer.strategy.root_device
-    features, labels = [], []
     per_batch = _per_batch(datamodule, loader.dataset)
     try:
-        with trainer.precision_plugin.forward_context():
+        with Progress(what, total=len(loader.dataset)) as progress, trainer.precision_plugin.forward_context():
             for images, targets in loader:
                 images = images.to(device)
                 images, targets = per_batch((images, targets))
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                features.append(backbone(images).float().cpu())
-                labels.append(torch.as_tensor(targets))
+                sink(backbone(images).float().cpu(), torch.as_tensor(targets))
+                progress.advance(len(images))
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def extract_features(
+    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
+    channels_last: bool = False, what: str = "extracting features",
+) -> TensorDataset:
+    """Backbone outputs for every sample of `loader`, in order, as float32 in memory (see `_extract`).
+
+    `FeatureCache` streams them to disk instead; this is for runs with no cache dir.
+    """
+    features, labels = [], []
+
+    def keep(batch: torch.Tensor, targets: torch.Tensor) -> None:
+        features.append(batch)
+        labels.append(targets)
+
+    _extract(backbone, loader, trainer, datamodule, channels_last, keep, what)
     return TensorDataset(torch.cat(features), torch.cat(labels))
+
+
+class MappedFeatures(TensorDataset):
+    """Features memory-mapped from an `.npy` file (read through the page cache, never loaded whole)
+    and their labels (in memory: 8 bytes an image).
+
+    Pickled (a loader worker under spawn) by its path, so a worker maps the file too rather than
+    receiving a copy of every feature.
+    """
+
+    def __init__(self, path: str | Path, labels: torch.Tensor) -> None:
+        self.path = Path(path)
+        # Copy-on-write: a writable tensor (no warning from torch), and the file is never changed.
+        features = torch.from_numpy(np.load(self.path, mmap_mode="c"))
+        super().__init__(features, labels)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.path, self.tensors[1])
+
+
+class _FeatureWriter:
+    """A `sink` for `_extract` that appends each batch to an open `.npy` file of `n` rows.
+
+    The header (shape `(n, *feature shape)`) is written with the first batch, which says the
+    feature shape; the labels are kept in memory (8 bytes an image). Only one batch of features
+    is ever held here.
+    """
+
+    def __init__(self, file: IO[bytes], n: int) -> None:
+        self.file, self.n, self.rows = file, n, 0
+        self.shape: tuple[int, ...] | None = None
+        self.labels: torch.Tensor | None = None
+        self.header_bytes = 0
+
+    def __call__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.shape is None:
+            self.shape = (self.n, *features.shape[1:])
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self.file, header)
+            self.header_bytes = self.file.tell()
+            self.labels = torch.empty(self.n, dtype=targets.dtype)
+        if tuple(features.shape[1:]) != self.shape[1:] or self.rows + len(features) > self.n:
+            raise RuntimeError(f"feature cache: a batch of {tuple(features.shape)} does not fit rows "
+                               f"{self.rows}.. of {self.shape}")
+        self.file.write(np.ascontiguousarray(features.numpy(), dtype=np.float32).data)
+        self.file.flush()  # on disk (the page cache) now, not in this process
+        self.labels[self.rows:self.rows + len(features)] = targets
+        self.rows += len(features)
 
 
 class FeatureCache:
@@ -243,39 +320,93 @@ class FeatureCache:
             cached = self._load(path, parts, datamodule, split)
             if cached is not None:
                 return cached
-            result = self._compute(datamodule, split)
-            self._save(path, parts, result)
-        return result
+            return self._compute_and_save(path, parts, datamodule, split)
 
-    def _compute(self, datamodule: Any, split: str) -> TensorDataset:
+    def _loader(self, datamodule: Any, split: str) -> DataLoader:
         # A generator of its own: a cache miss must not draw from the global RNG, or a warm-cache
         # run would shuffle differently from a cold one.
-        loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
-                            num_workers=datamodule.loader_workers(), generator=torch.Generator(),
-                            collate_fn=getattr(datamodule, "collate", None))
-        result = extract_features(self.backbone, loader, self.trainer, datamodule, self.channels_last)
-        log.info("feature cache: computed %s features of %d images", split, len(result))
+        return DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
+                          num_workers=datamodule.loader_workers(), generator=torch.Generator(),
+                          collate_fn=getattr(datamodule, "collate", None))
+
+    def _compute(self, datamodule: Any, split: str) -> TensorDataset:
+        """`split`'s features in memory (no cache dir, no key, or a rank that does not write)."""
+        result = extract_features(self.backbone, self._loader(datamodule, split), self.trainer, datamodule,
+                                  self.channels_last, what=f"extracting {split} features")
+        log.info("feature cache: computed %s features of %d images (in memory)", split, len(result))
         return result
 
+    @staticmethod
+    def _features_path(path: Path) -> Path:
+        return path.with_suffix(".npy")
+
     def _load(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset | None:
-        """The entry at `path` if it exists and was made from exactly `parts`, for as many images."""
+        """The entry at `path` if it exists and was made from exactly `parts`, for as many images,
+        with a features file of the shape and size it recorded."""
         if not path.exists():
             return None
         entry = torch.load(path, weights_only=True)
         n = len(datamodule.datasets[split])
-        if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n:
+        features = self._features_path(path)
+        if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n \
+                or not features.exists() or features.stat().st_size != entry.get("features_bytes"):
             log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
             return None
-        log.info("feature cache: %s features of %d images from %s", split, len(entry["labels"]), path)
-        return TensorDataset(entry["features"], entry["labels"])
+        try:
+            result = MappedFeatures(features, entry["labels"])
+        except (ValueError, OSError) as error:  # not an .npy, or shorter than its header says
+            log.warning("feature cache: %s cannot be read (%s); computing %s features again", features, error, split)
+            return None
+        if tuple(result.tensors[0].shape) != tuple(entry.get("shape", ())):
+            log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
+            return None
+        log.info("feature cache: %s features of %d images from %s (memory-mapped)", split, n, features)
+        return result
 
-    def _save(self, path: Path, parts: dict[str, str], result: TensorDataset) -> None:
+    def _compute_and_save(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset:
+        """Features streamed to a temp `.npy` next to `path` batch by batch, renamed into place when
+        complete, then the `.pt` (key and labels) the same way: an entry is whole or absent.
+
+        Called under the entry's lock, so temp files of this entry are leftovers of a killed run.
+        """
+        for stale in path.parent.glob(f".{path.stem}.*.tmp"):
+            log.info("feature cache: removing %s, left by a run stopped while writing it", stale)
+            stale.unlink(missing_ok=True)
+        features = self._features_path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{features.name}.", suffix=".tmp")
+        n = len(datamodule.datasets[split])
+        try:
+            with os.fdopen(fd, "wb") as file:
+                writer = _FeatureWriter(file, n)
+                _extract(self.backbone, self._loader(datamodule, split), self.trainer, datamodule,
+                         self.channels_last, writer, f"extracting {split} features")
+                os.fsync(file.fileno())
+            if writer.rows != n or writer.labels is None:
+                # Files that turned unreadable since the check were dropped: the rows are fewer than
+                # the key's images, so not kept (as before: such an entry would never be accepted).
+                log.warning("feature cache: %d of %d %s images could be read; the features are not kept",
+                            writer.rows, n, split)
+                shape = (writer.rows, *(writer.shape or (0,))[1:])
+                rows = np.memmap(tmp, np.float32, "r", offset=writer.header_bytes, shape=shape) \
+                    if writer.rows else np.empty(shape, np.float32)
+                labels = writer.labels[:writer.rows] if writer.labels is not None else torch.empty(0, dtype=torch.long)
+                return TensorDataset(torch.from_numpy(np.array(rows)), labels)
+            path.unlink(missing_ok=True)  # an old entry of this key must not be paired with the new file
+            os.replace(tmp, features)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._save(path, {"key": parts, "labels": writer.labels, "shape": list(writer.shape),
+                          "features_bytes": features.stat().st_size})
+        log.info("feature cache: computed %s features of %d images to %s", split, n, features)
+        return MappedFeatures(features, writer.labels)
+
+    def _save(self, path: Path, entry: dict[str, Any]) -> None:
         """Written to a temp name in the same folder and renamed into place: never half an entry."""
-        features, labels = result.tensors
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            torch.save({"key": parts, "features": features, "labels": labels}, tmp)
+            torch.save(entry, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
