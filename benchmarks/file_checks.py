@@ -21,9 +21,9 @@ from pathlib import Path
 
 from _common import StepTimer, cifar_jpeg_root, product_config, scratch_dir
 
-from finetune.data.datamodule import available_cpus
 from finetune.data.file_checks import FileChecks
 from finetune.data.resized_cache import list_images
+from finetune.data.workers import available_cpus
 from finetune.train import build
 
 

@@ -27,6 +27,7 @@ the wall time of fit + test. Last line (for the largest scale run):
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import time
@@ -55,8 +56,9 @@ SCHEDULE = ["+model.scheduler._target_=finetune.finetuning.WarmupCosine", "+mode
 FINETUNE = ["experiment=offline_transfer", "model.optimizer._target_=torch.optim.AdamW",
             "model.optimizer.weight_decay=0.05", "data.augment=true", "data.crop_scale=[0.5,1.0]",
             "trainer.max_epochs={epochs}", *SCHEDULE]
+# The default recipe as shipped: its schedule sized from the data (finetune.finetuning.sizing).
 LP_FT = ["experiment=offline_finetune", "finetune.callback.lp_epochs={probe_epochs}", "model.optimizer.lr={probe_lr}",
-         "trainer.max_epochs={lp_ft_epochs}"]
+         "sizing.finetune_steps={lp_ft_steps}"]
 RECIPES: dict[str, list[str]] = {
     "linear probe": PROBE,
     "full fine-tune": [*FINETUNE, "finetune=full", "model.head_lr_mult=10", "model.optimizer.lr={lr}"],
@@ -111,7 +113,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--train-image-size", type=int, default=None,
                         help="data.train_image_size for the fine-tuning rows (FixRes; eval stays at --image-size)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs on images for every fine-tuning recipe")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs on images for the full and gradual rows "
+                        "(LP-FT, the shipped recipe, sizes its own from the data: finetune.finetuning.sizing)")
     parser.add_argument("--probe-epochs", type=int, default=10, help="epochs of the probe on cached features")
     parser.add_argument("--lr", type=float, default=1e-4, help="the backbone's fine-tuning rate")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -120,6 +123,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these recipes (names as in the table)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every recipe")
     args = parser.parse_args()
+    # The product's own lines (the recipe's plan, the unfreeze, the time budget) between the rows.
+    logging.basicConfig(format="[finetune] %(message)s")
+    logging.getLogger("finetune").setLevel(logging.INFO)
 
     work = scratch_dir("recipes-")
     common = [
@@ -131,9 +137,9 @@ def main() -> None:
     common_eval = [f"trainer={args.trainer}", f"trainer.precision={args.precision}", "callbacks=[]", "logger=[]",
                    "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
     values = {"epochs": args.epochs, "probe_epochs": args.probe_epochs, "lr": args.lr, "probe_lr": 10 * args.lr,
-              "lp_ft_epochs": args.probe_epochs + args.epochs}
+              "lp_ft_steps": "auto"}
     if "smoke" in args.scale:
-        values.update(epochs=1, probe_epochs=1, lp_ft_epochs=2)
+        values.update(epochs=1, probe_epochs=1, lp_ft_steps=1)
     last_line = ""
     for scale in args.scale:
         root, val_fraction, what, n_test = scale_data(scale, args, work)

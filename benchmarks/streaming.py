@@ -28,10 +28,11 @@ from pathlib import Path
 from _common import CIFAR_TARBALL, product_config, scratch_dir
 from PIL import Image
 
-from finetune.data.datamodule import default_num_workers
 from finetune.data.folder import FolderDataModule
+from finetune.data.preprocessing import decide_for
 from finetune.data.streaming import StreamingDataModule
 from finetune.data.transforms import Preprocessing
+from finetune.data.workers import default_num_workers
 from finetune.optimize import convert
 
 SIZE = (500, 375)  # the hot-dog photos' typical size
@@ -76,7 +77,7 @@ def arms(root: Path, work: Path, workers: int, batch_size: int) -> dict:
 
     def folder(cache: bool) -> FolderDataModule:
         dm = FolderDataModule(str(root), cache=cache, cache_dir=str(work / "cache"), **common)
-        dm.adopt(PREPROCESSING)
+        decide_for(dm, PREPROCESSING)
         dm.prepare_data()  # the checks and, with cache, the resized copy
         return dm
 
@@ -85,7 +86,7 @@ def arms(root: Path, work: Path, workers: int, batch_size: int) -> dict:
 
     def streaming() -> StreamingDataModule:
         dm = StreamingDataModule(str(work / "chunks"), **common)
-        dm.adopt(PREPROCESSING)
+        decide_for(dm, PREPROCESSING)
         return dm
 
     folder(True)  # build the resized copy now, outside the timing

@@ -7,6 +7,7 @@ import torch
 
 from fake_data import make_cifar10_archive, patch_cifar10
 from finetune.data import CIFAR10DataModule, FolderDataModule, ShapesDataModule
+from finetune.data.preprocessing import decide_for
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
@@ -37,7 +38,7 @@ def test_an_explicit_val_folder_is_used(shapes_folder, tmp_path):
 def test_preprocessing_from_the_model_with_data_overrides_on_top():
     dm = ShapesDataModule(image_size=40, num_workers=0)
     model_p = Preprocessing(crop_size=224, resize_size=232, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
-    p = dm.adopt(model_p)
+    p = decide_for(dm, model_p)
     assert (p.crop_size, p.resize_size, p.mean) == (40, round(40 * 232 / 224), (0.5, 0.5, 0.5))
     dm.setup()
     image, _ = dm.datasets["test"][0]
@@ -48,7 +49,7 @@ def _test_batch(on_device: bool, model_p: Preprocessing, **stats) -> torch.Tenso
     """The first test batch as the model sees it (after the per-batch step, if any)."""
     dm = ShapesDataModule(image_size=40, resize_size=40, native_size=16, test_size=8, batch_size=8,
                           num_workers=0, resize_on_device=on_device, **stats)
-    dm.adopt(model_p)
+    decide_for(dm, model_p)
     dm.setup()
     assert (dm.batch_transform is not None) == on_device  # the path under test
     batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)

@@ -16,6 +16,7 @@ from finetune.data import FolderDataModule
 from finetune.data.decode import decoder
 from finetune.data.folder import largest_side
 from finetune.data.image_files import find_files, model_inputs
+from finetune.data.preprocessing import decide_for
 from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import Preprocessing, eval_transform
 from finetune.export import check_batch, export
@@ -72,7 +73,7 @@ def test_train_eval_predict_and_export_read_the_same_pixels(tmp_path, draft):
     root = photo_folder(tmp_path / "photos", per_class=2)
     dm = FolderDataModule(root=str(root), num_workers=0, image_size=SIDE, resize_size=SIDE,
                           augment=False, draft_decode=draft)
-    p = dm.adopt(Preprocessing())
+    p = decide_for(dm, Preprocessing())
     assert p.draft_decode is draft
     dm.setup("fit")
     files = find_files(root / "test")
@@ -150,9 +151,9 @@ def test_the_choice_travels_with_the_checkpoint_and_predict_follows_it(make_cfg,
 def test_eval_follows_the_checkpoint_unless_the_data_config_says_otherwise(tmp_path):
     assert FolderDataModule(root=str(tmp_path), draft_decode=False).preprocessing.draft_decode is False
     recorded = Preprocessing(draft_decode=False)
-    assert FolderDataModule(root=str(tmp_path)).adopt(recorded).draft_decode is False
-    assert FolderDataModule(root=str(tmp_path), draft_decode=True).adopt(recorded).draft_decode is True
-    assert FolderDataModule(root=str(tmp_path)).adopt(Preprocessing()).draft_decode is True
+    assert decide_for(FolderDataModule(root=str(tmp_path)), recorded).draft_decode is False
+    assert decide_for(FolderDataModule(root=str(tmp_path), draft_decode=True), recorded).draft_decode is True
+    assert decide_for(FolderDataModule(root=str(tmp_path)), Preprocessing()).draft_decode is True
 
 
 def test_the_shrunk_copy_follows_the_switch(tmp_path):

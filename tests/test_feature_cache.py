@@ -17,6 +17,7 @@ import torch
 from torchvision.transforms import v2
 
 from conftest import compose_train
+from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.finetuning import FeatureCache
 from finetune.train import build, train
@@ -98,11 +99,11 @@ def test_every_step_from_file_to_feature_is_in_the_key(tiny_folder, tmp_path):
                    {"std": (0.3, 0.3, 0.3)}, {"interpolation": "bicubic"}]:
         kept = dict(dm.overrides)
         dm.overrides.update(change)
-        dm.adopt(model.preprocessing)
+        decide_for(dm, model.preprocessing)
         dm.setup("fit")
         assert dm.batch_transform is not None and path() != base, change
         dm.overrides = kept
-        dm.adopt(model.preprocessing)
+        decide_for(dm, model.preprocessing)
         dm.setup("fit")
     assert path() == base
     with torch.no_grad():

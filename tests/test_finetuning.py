@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.data.transforms import eval_transform
 from finetune.finetuning import FeatureCache
@@ -150,7 +151,7 @@ def test_cached_features_give_the_same_logits_and_follow_the_transform(make_cfg,
     again = FeatureCache(model.backbone, trainer, str(tmp_path / "cache")).features(dm, "train")
     assert torch.equal(again.tensors[0], features.tensors[0])
     dm.overrides["crop_size"] = dm.overrides["resize_size"] = 24
-    dm.adopt(model.preprocessing)
+    decide_for(dm, model.preprocessing)
     dm.setup("fit")
     second = cache.path_for(dm, "train")
     assert second != first

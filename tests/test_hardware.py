@@ -123,22 +123,25 @@ def test_compile_where_unusable_is_a_warning_and_recorded_off(monkeypatch, caplo
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_resolved_values_are_written_into_the_saved_run_config(make_cfg, tmp_path):
+def test_resolved_values_are_a_record_and_the_saved_run_config_stays_as_composed(make_cfg, tmp_path):
+    """Config flows one way: what `auto` became is returned (for the Trainer and the hparams), and
+    neither `cfg` nor the run dir's .hydra/config.yaml is rewritten."""
     cfg = make_cfg(["model.weights=null", "trainer.precision=auto"])
     saved = tmp_path / "run" / ".hydra" / "config.yaml"
     saved.parent.mkdir(parents=True)
-    saved.write_text("stale: true\n")
+    saved.write_text("composed: true\n")
     OmegaConf.set_readonly(cfg.hydra, False)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
     HydraConfig().set_config(cfg)
     model = ImageClassifier(name="resnet18", weights=None, num_classes=4)
-    resolve_speed_settings(cfg, model)
+    speed = resolve_speed_settings(cfg, model)
     expected = hardware.resolve_precision("auto", "cpu")[0]
-    assert cfg.trainer.precision == expected and cfg.model.channels_last is True
-    on_disk = OmegaConf.load(saved)
-    assert on_disk.trainer.precision == expected and on_disk.model.channels_last is True
-    assert "hydra" not in on_disk
+    assert (speed.precision, speed.channels_last, speed.compile) == (expected, True, False)
+    assert speed.trainer_kwargs() == {"precision": expected}
+    assert speed.resolved() == {"trainer.precision": expected, "model.channels_last": True, "model.compile": False}
+    assert cfg.trainer.precision == "auto" and cfg.model.channels_last is None
+    assert saved.read_text() == "composed: true\n"
 
 
 # Minor page faults while a 64 MiB block is allocated, written and freed five times, before and

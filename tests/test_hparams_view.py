@@ -25,12 +25,13 @@ SETTINGS = {"data/batch_size", "data/image_size", "data/source", "finetune/strat
 def test_hparams_are_the_settings_a_researcher_varies_and_the_runs_own_overrides(make_cfg):
     cfg = make_cfg(["finetune=gradual", "model.optimizer.lr=0.01", "data.augment=false",
                     "data.skipped_csv=/tmp/skipped.csv", "callbacks.top_losses.k=3"])
-    params = select_hparams(cfg, image_size=40)
+    params = select_hparams(cfg, {"data.image_size": 40, "trainer.precision": "bf16-mixed"})
     gradual_knobs = {"finetune/unfreeze_at_epoch", "finetune/backbone_lr_mult", "finetune/train_bn", "finetune/bn"}
     # the override of a setting not in the list gets its own column; paths and callbacks do not
     assert set(params) == SETTINGS | gradual_knobs | {"data.augment"}, sorted(params)
     assert params["optimizer/lr"] == 0.01 and params["optimizer/class"] == "Adam"
     assert params["data/image_size"] == 40 and params["data/source"] == "shapes"
+    assert params["trainer/precision"] == "bf16-mixed"  # what the run resolved, not the config's
     assert params["finetune/strategy"] == "gradual" and params["finetune/unfreeze_at_epoch"] == 1
     assert params["model/layer_decay"] == "null" and params["data.augment"] is False
 

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from finetune.data import FolderDataModule
-from finetune.data.datamodule import default_num_workers
 from finetune.data.folder import load_rgb
 from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import eval_transform
+from finetune.data.workers import default_num_workers
 from finetune.train import train
 
 

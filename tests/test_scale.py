@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from finetune.data.preprocessing import decide_for
 from finetune.distributed import one_job_argv
 from finetune.models import ImageClassifier
 
@@ -58,7 +59,7 @@ def test_ddp_on_two_cpu_processes_keeps_one_run_and_tests_the_best_checkpoint(tm
     cfg = make_cfg(TINY)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = ImageClassifier.load_from_checkpoint(best, map_location="cpu", weights_only=False)
-    datamodule.adopt(model.preprocessing)
+    decide_for(datamodule, model.preprocessing)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     single_acc = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]

@@ -12,6 +12,7 @@ import torch
 
 from conftest import compose_train
 from finetune.data import FolderDataModule
+from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.export import check_batch
 from finetune.models.checkpoint import load_classifier
@@ -38,7 +39,7 @@ def _eval_inputs(model, root: Path) -> tuple[list[str], torch.Tensor]:
     """The test images exactly as eval feeds them to the model: its data module's loader, then the
     per-batch step."""
     datamodule = FolderDataModule(root=str(root), num_workers=0, batch_size=4)
-    model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    model.set_preprocessing(decide_for(datamodule, model.preprocessing))
     datamodule.setup("test")
     assert datamodule.batch_transform is not None  # 32 px at 64: upsampled per batch
     images = [datamodule.on_after_batch_transfer(batch, 0)[0] for batch in datamodule.test_dataloader()]

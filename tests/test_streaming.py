@@ -24,6 +24,7 @@ from PIL import Image
 
 from conftest import ROOT, compose_train, run_cli
 from fake_data import make_cifar10, make_hotdog_tree, patch_cifar10
+from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.data.streaming import StreamingDataModule, StreamingSplit
 from finetune.data.transforms import Preprocessing
@@ -197,7 +198,7 @@ def _digest(image: Image.Image) -> torch.Tensor:
 
 def _train_loader(converted: Path, workers: int):
     dm = StreamingDataModule(str(converted), batch_size=6, num_workers=workers, seed=3)
-    dm.adopt(Preprocessing(crop_size=32, resize_size=32))
+    decide_for(dm, Preprocessing(crop_size=32, resize_size=32))
     dm.setup("fit")
     dm.datasets["train"].transform = _digest
     return dm.train_dataloader()

@@ -90,8 +90,7 @@ def test_the_train_features_are_keyed_by_the_train_size_and_val_and_lp_ft_views_
         dm.setup("fit")
         cache = FeatureCache(model.backbone, trainer, str(tmp_path / "cache"), name="resnet18")
         out = {split: cache.path_for(dm, split) for split in ("train", "val")}
-        dm.datasets["train"] = dm.train_eval_view()
-        out["view"] = cache.path_for(dm, "train")
+        out["view"] = cache.path_for(dm, "train", dm.train_eval_view())
         return out
 
     same, other = paths(), paths("data.train_image_size=32")
@@ -115,8 +114,7 @@ def test_lp_ft_stage_one_trains_on_eval_size_features_of_the_training_images(tin
     model.eval()
     with torch.no_grad():
         expected = model.backbone(dm.batch_transform(native))
-    dm.datasets["train"] = view
-    cached = FeatureCache(model.backbone, trainer, None).features(dm, "train").tensors[0]
+    cached = FeatureCache(model.backbone, trainer, None).features(dm, "train", view).tensors[0]
     assert (cached - expected).norm() / expected.norm() < 1e-4
 
 

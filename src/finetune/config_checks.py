@@ -45,11 +45,9 @@ def _as_text_hint(key: str, value: str) -> str:
 
 def check_options(cfg: DictConfig) -> None:
     """Choices that would otherwise fail, or silently do nothing, only after the whole fit."""
-    from finetune.models.classifier import TTA_VIEWS
+    from finetune.models.calibration import check_tta
 
-    tta = cfg.get("tta")
-    if tta not in TTA_VIEWS:
-        raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
+    check_tta(cfg.get("tta"))
     why = _no_validation(cfg) if cfg.get("calibrate") else None
     if why:
         raise FinetuneError(f"calibrate=true fits the temperature on the validation batches, but this run "

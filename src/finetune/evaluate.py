@@ -19,6 +19,7 @@ from rich.table import Table
 from finetune.callbacks import ConfusionMatrix
 from finetune.config_checks import check_numbers
 from finetune.config_source import CONFIG_PATH
+from finetune.data.preprocessing import decide_for
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import (
@@ -76,18 +77,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"the data's classes {list(datamodule.classes)} differ from the checkpoint's "
             f"{list(model.class_names)}; evaluate on data with the same class folders"
         )
-    model.set_preprocessing(datamodule.adopt(model.preprocessing))
+    # The checkpoint's preprocessing, with this data config's explicit values on top: decided once, given to both.
+    model.set_preprocessing(decide_for(datamodule, model.preprocessing))
     log.info("checkpoint: %s | classes: %s | preprocessing: %s | temperature: %.4g | tta: %s", cfg.ckpt_path,
              model.class_names, model.preprocessing, model.applied_temperature, model.tta)
 
-    resolve_speed_settings(cfg)
+    speed = resolve_speed_settings(cfg)
     callbacks = instantiate_all(cfg.get("callbacks"))
     views = next((c for c in callbacks if isinstance(c, ConfusionMatrix)), None)
     if views is None:
         views = ConfusionMatrix(save_dir=cfg.paths.output_dir)
         callbacks.append(views)
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **speed.trainer_kwargs())
     trainer.test(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 

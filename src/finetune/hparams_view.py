@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +44,31 @@ RUN_NAME_CHARS = re.compile(r"[^A-Za-z0-9_=,.+@-]")
 MAX_RUN_NAME = 120
 
 
-def select_hparams(cfg: DictConfig, image_size: int | None = None) -> dict[str, Any]:
+def select_hparams(cfg: DictConfig, resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The HParams columns of a run: COLUMNS, each strategy/optimizer/scheduler knob, the data
-    source, and the run's own overrides of anything else. `image_size`: the crop size the run
-    really feeds (the weights' own when `data.image_size` is null)."""
-    params = {column: OmegaConf.select(cfg, key, default=None) for column, key in COLUMNS.items()}
+    source, and the run's own overrides of anything else. `resolved`: what the run decided in
+    place of a config value, by config key (`data.image_size`: the crop size it really feeds, the
+    weights' own when the config's is null; `trainer.precision` for `auto`); the config is read as
+    Hydra composed it."""
+    resolved = resolved or {}
+
+    def value(key: str) -> Any:
+        return resolved[key] if key in resolved else OmegaConf.select(cfg, key, default=None)
+
+    params = {column: value(key) for column, key in COLUMNS.items()}
     params["data/source"] = data_source(cfg)
-    if image_size is not None:
-        params["data/image_size"] = image_size
     covered = {*COLUMNS.values(), "data", "model", "finetune"}  # group choices: the columns above say them
     for prefix, key in KNOB_SECTIONS.items():
         section = OmegaConf.select(cfg, key, default=None)
         if prefix != "finetune":
             params[f"{prefix}/class"] = _class_name(section)
-        for knob, value in _knobs(section):
-            params[f"{prefix}/{knob}"] = value
+        for knob, knob_value in _knobs(section):
+            params[f"{prefix}/{knob}"] = knob_value
             covered.add(f"{key}.{knob}")
-    for key, value in _overrides():
+    for key, override in _overrides():
         if key not in covered and not NOT_SETTINGS.search(key):
-            selected = OmegaConf.select(cfg, key, default=None)
-            params[key] = selected if _is_scalar(selected) and selected is not None else value
+            selected = value(key)
+            params[key] = selected if _is_scalar(selected) and selected is not None else override
     return {k: _displayable(v) for k, v in sorted(params.items())}
 
 

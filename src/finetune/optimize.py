@@ -3,34 +3,29 @@ chunks once, then train from them with `data=streaming data.input_dir=DIR_OR_URI
 
 Every split of the source (val split off train with the source's own seed when it has none, so the
 streaming run validates on the same images) is written by `litdata.optimize` over all the CPUs, with
-its progress bar, as {"image": JPEG bytes with the short side shrunk to the size training reads, as
-`data.cache` does, "label": int}. A split whose index.json exists is done and skipped; an
-interrupted split continues from LitData's checkpoints (`use_checkpoint`). finetune.json, written
+its progress bar, as {"image": JPEG bytes with the short side shrunk to the size training reads, by
+`data.cache`'s own function (`finetune.data.jpeg`), "label": int}. A split whose index.json exists
+is done and skipped; an interrupted split continues from LitData's checkpoints (`use_checkpoint`). finetune.json, written
 last, records the classes, the preprocessing (with the source's explicit settings) and the source's
 image size, so training from the chunks uses the transforms the source would have had.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import multiprocessing
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from finetune.config_source import CONFIG_PATH
-from finetune.data.datamodule import ImageDataModule, available_cpus
-from finetune.data.resized_cache import JPEG_QUALITY
-from finetune.data.streaming import (
-    FORMAT,
-    METADATA,
-    StreamingDataModule,
+from finetune.data.datamodule import ImageDataModule
+from finetune.data.jpeg import jpeg_bytes
+from finetune.data.preprocessing import decide_for
+from finetune.data.storage import (
     allow_plain_http_endpoint,
     exists,
     is_remote,
@@ -38,8 +33,11 @@ from finetune.data.streaming import (
     normalise_dir,
     write_bytes,
 )
+from finetune.data.streaming import FORMAT, METADATA, StreamingDataModule
+from finetune.data.subsets import drop_late_failures
+from finetune.data.workers import available_cpus
 from finetune.errors import FinetuneError
-from finetune.models.backbones import build_network
+from finetune.models import weights as weights_lib
 from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
@@ -47,22 +45,6 @@ CHUNK_BYTES = "64MB"
 # Workers forked rather than spawned: a spawned worker imports torch and the package again (seconds
 # each, tens of seconds on a loaded machine); the work in them is PIL only.
 START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-
-
-def jpeg_bytes(image: Image.Image, short_side: int) -> bytes:
-    """`image` as RGB JPEG bytes, its short side reduced to `short_side` (smaller ones keep their size),
-    resized as `finetune.data.resized_cache.shrink` does, at its JPEG quality."""
-    image = image.convert("RGB")
-    w, h = image.size
-    if min(w, h) > short_side:
-        scale = short_side / min(w, h)
-        size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-    out = io.BytesIO()
-    # 4:4:4: Pillow's default 4:2:0 chroma halving costs small, colourful images ~13 levels of 255
-    # on average (~3 without it), for ~50% more bytes.
-    image.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-    return out.getvalue()
 
 
 class EncodeImages:
@@ -80,22 +62,15 @@ class EncodeImages:
         return {"image": jpeg_bytes(image, self.short_side), "label": int(label)}
 
 
-def _innermost(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
 def source_splits(datamodule: ImageDataModule) -> dict[str, Dataset]:
     """The source's splits as (PIL image, label) pairs, with the val split the source's own setup
     would use; files found unreadable are dropped rather than replaced by a neighbour."""
     train, val = datamodule.make_split("train", None), datamodule.make_split("val", None)
     if val is None:
-        train, val = datamodule._split_off_val(train, train)
+        train, val = datamodule.split_off_val(train, train)
     splits = {"train": train, "val": val, "test": datamodule.make_split("test", None)}
     for dataset in splits.values():
-        if hasattr(_innermost(dataset), "replace"):
-            _innermost(dataset).replace = False
+        drop_late_failures(dataset)
     return splits
 
 
@@ -109,8 +84,8 @@ def convert(data_cfg: DictConfig, model_name: str, weights: str | None, output: 
     output = normalise_dir(output)
     if is_remote(output):
         allow_plain_http_endpoint()
-    _, _, model_preprocessing = build_network(model_name, weights)  # the weights' sizes, not loaded
-    p = datamodule.adopt(model_preprocessing)
+    defaults = weights_lib.resolve(model_name, weights).preprocessing  # the weights' sizes: no network built
+    p = decide_for(datamodule, defaults)
     datamodule.prepare_data()
     short_side = max(p.resize_size, p.crop_size)
     workers = num_workers or available_cpus()

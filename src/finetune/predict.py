@@ -54,8 +54,8 @@ def predict(cfg: DictConfig) -> PredictionWriter:
              "softmax(logits / temperature)) | tta: %s", len(files), cfg.ckpt_path, p, model.applied_temperature, model.tta)
 
     writer = PredictionWriter(output, top_k=cfg.top_k)
-    resolve_speed_settings(cfg)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=False)
+    speed = resolve_speed_settings(cfg)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=False, **speed.trainer_kwargs())
     with writing(output):  # a full disk mid-way: one line naming the file
         trainer.predict(model, datamodule=inputs, return_predictions=False)
 

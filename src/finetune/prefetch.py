@@ -34,12 +34,11 @@ class Fetched:
 
 
 def fetch_weights(name: str, weights: str | None) -> Fetched:
-    model, arch, _ = build_network(name, weights)
-    source = weights_lib.resolve(weights, model, arch.name, arch.library)
-    fetched = Fetched(f"weights {name} {weights}", url=source.url())
+    spec = weights_lib.resolve(name, weights)
+    fetched = Fetched(f"weights {name} {weights}", url=spec.url())
     try:
-        source.load()
-        fetched.where = source.location()
+        spec.load(build_network(spec))
+        fetched.where = spec.location()
     except FinetuneError as e:
         fetched.error = str(e)
     return fetched

@@ -7,13 +7,13 @@ import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.syntax import Syntax
@@ -38,46 +38,69 @@ def instantiate_all(section: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in section.values() if c is not None and "_target_" in c]
 
 
-def resolve_speed_settings(cfg: DictConfig, model: Any | None = None) -> None:
-    """Replace `trainer.precision=auto` with the machine's best choice and copy the model's
-    resolved channels_last/compile into `cfg`, so the printed, logged and saved config all say
-    what actually runs. Call before the Trainer is built."""
+@dataclass(frozen=True)
+class SpeedSettings:
+    """What a run's `auto`/null speed settings became on this machine: `precision` (for the Trainer;
+    None: no trainer config), with `why`, and the model's resolved `channels_last` and `compile`
+    (None: no model). The config stays as Hydra composed it; this record is what is passed on and logged."""
+
+    precision: str | int | None
+    why: str = ""
+    channels_last: bool | None = None
+    compile: bool | None = None
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The Trainer's argument that overrides `trainer.precision` (none when there is no trainer config)."""
+        return {} if self.precision is None else {"precision": self.precision}
+
+    def resolved(self) -> dict[str, Any]:
+        """The values by config key, for the HParams columns (finetune.hparams_view.select_hparams)."""
+        values = {"trainer.precision": self.precision, "model.channels_last": self.channels_last,
+                  "model.compile": self.compile}
+        return {key: value for key, value in values.items() if value is not None}
+
+
+def resolve_speed_settings(cfg: DictConfig, model: Any | None = None) -> SpeedSettings:
+    """`trainer.precision=auto` as the machine's best choice, and the model's resolved
+    channels_last/compile: the record the Trainer is built with and the hparams log. `cfg` is read,
+    never written: the run dir's .hydra/config.yaml stays what Hydra composed. Call before the
+    Trainer is built."""
     if cfg.get("reuse_freed_memory", True):
         log.info("reuse_freed_memory: %s", reuse_freed_memory())
-    with open_dict(cfg):
-        if cfg.get("trainer") is not None:
-            precision, why = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
-            cfg.trainer.precision = precision
-            log.info("precision: %s (%s)", precision, why)
-        if model is not None and cfg.get("model") is not None:
-            for key in ("channels_last", "compile"):
-                if key in model.hparams:
-                    cfg.model[key] = bool(model.hparams[key])
-            log.info("channels_last: %s | compile: %s", cfg.model.get("channels_last"), cfg.model.get("compile"))
-    _resave_run_config(cfg)
+    precision, why = None, ""
+    if cfg.get("trainer") is not None:
+        precision, why = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+        log.info("precision: %s (%s)", precision, why)
+    speed = SpeedSettings(precision, why)
+    if model is not None:
+        speed = replace(speed, **{key: bool(model.hparams[key]) for key in ("channels_last", "compile")
+                                  if key in model.hparams})
+        log.info("channels_last: %s | compile: %s", speed.channels_last, speed.compile)
+    return speed
 
 
-def _resave_run_config(cfg: DictConfig) -> None:
-    """Hydra saved the run's config before these values were known; save it again."""
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
-        return
-    output_dir = OmegaConf.select(hc, "runtime.output_dir", default=None, throw_on_missing=False)
-    if not hc.output_subdir or not output_dir:
-        return
-    path = Path(output_dir) / hc.output_subdir / "config.yaml"
-    if path.exists():
-        OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), path)
+def instantiate_loggers(section: DictConfig | None, purge_step: int | None = None) -> list[Logger]:
+    """The `logger` group's loggers; `purge_step` (a resumed run, finetune.train.tensorboard_purge_step)
+    goes to each TensorBoardLogger, which hides the steps the stopped run logged after its checkpoint."""
+    if not section:
+        return []
+    return [hydra.utils.instantiate(c, **_purge_kwargs(c, purge_step))
+            for c in section.values() if c is not None and "_target_" in c]
 
 
-def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], image_size: int | None = None,
+def _purge_kwargs(entry: DictConfig, purge_step: int | None) -> dict[str, int]:
+    is_tensorboard = str(entry.get("_target_", "")).endswith("TensorBoardLogger")
+    return {"purge_step": purge_step} if purge_step is not None and is_tensorboard else {}
+
+
+def log_hyperparameters(cfg: DictConfig, loggers: list[Logger], resolved: dict[str, Any] | None = None,
                         resuming: bool = False) -> None:
     """The settings that tell runs apart (finetune.hparams_view) as hparams, with its METRICS as
     TensorBoard's HParams metrics column; not again when a resumed run continues its TensorBoard
-    run. The whole config is in the run dir's .hydra/config.yaml."""
+    run. `resolved`: values this run decided, by config key (the crop size, the speed settings),
+    shown instead of the config's. The whole config is in the run dir's .hydra/config.yaml."""
     if not resuming:
-        log_hparams(loggers, select_hparams(cfg, image_size), METRICS)
+        log_hparams(loggers, select_hparams(cfg, resolved), METRICS)
 
 
 def print_config_tree(cfg: DictConfig, first: Sequence[str] = CONFIG_TREE_ORDER) -> None:

@@ -13,17 +13,21 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from finetune import run_lock
 from finetune.callbacks.param_counts import ParameterCounts
 from finetune.callbacks.time_budget import TimeBudget
 from finetune.config_checks import check_input_size, check_numbers, check_options
 from finetune.config_source import CONFIG_PATH
+from finetune.data.preprocessing import decide_for
+from finetune.data.transforms import Preprocessing
 from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
+from finetune.finetuning.sizing import size_from_data
 from finetune.hparams_view import FIT_TIME
 from finetune.lr_finder import tune_learning_rate
+from finetune.models import weights as weights_lib
 from finetune.requeue import RequeueOnSignal
 from finetune.resume import (
     METRICS,
@@ -35,6 +39,7 @@ from finetune.resume import (
 )
 from finetune.runtime import (
     instantiate_all,
+    instantiate_loggers,
     log_hyperparameters,
     print_config_tree,
     print_metrics,
@@ -48,40 +53,61 @@ log = logging.getLogger("finetune")
 LAST_EPOCH = "last_epoch/"
 
 
-def build(cfg: DictConfig, resuming: bool = False) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Data, model and trainer from config; the data decides the head size and class names.
-    `resuming`: the loggers continue a run, whose hparams metric placeholder (step 0) is already logged."""
+def build(cfg: DictConfig, resuming: bool = False,
+          purge_step: int | None = None) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, model and trainer from config; the data decides the head size and class names. The
+    weights are resolved once and the preprocessing decided once, and both data and model get it.
+    `resuming`: the loggers continue a run, whose hparams metric placeholder (step 0) is already
+    logged; `purge_step`: the step TensorBoard hides the stopped run's later steps from."""
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(
-        cfg.model, num_classes=datamodule.num_classes, class_names=datamodule.classes
-    )
-    model.set_preprocessing(datamodule.adopt(model.preprocessing))
-    if cfg.data.get("image_size") is not None:  # the weights' own size needs no check
-        check_input_size(model.backbone, model.preprocessing.crop_size, channels_last=model.channels_last)
-    if cfg.data.get("train_image_size") is not None:
-        check_input_size(model.backbone, model.preprocessing.train_size, key="data.train_image_size",
-                         channels_last=model.channels_last)
-    log.info("classes: %s | preprocessing: %s", datamodule.classes, model.preprocessing)
-    resolve_speed_settings(cfg, model)
+    spec = weights_lib.resolve(cfg.model.name, cfg.model.weights)
+    preprocessing = decide_for(datamodule, spec.preprocessing)
+    sized = {}
+    if cfg.get("sizing"):  # the recipe's resolution, schedule length and MixUp from the data
+        plan = size_from_data(cfg, datamodule, eval_size=preprocessing.crop_size)
+        preprocessing = plan.apply(datamodule, preprocessing)
+        sized = {"max_epochs": plan.max_epochs}
+        log.info("%s", plan.line)
+    model = hydra.utils.instantiate(cfg.model, _partial_=True)(
+        num_classes=datamodule.num_classes, class_names=datamodule.classes, preprocessing=preprocessing.as_dict(),
+        weights_spec=spec)
+    check_sizes(model, preprocessing)
+    log.info("classes: %s | preprocessing: %s", datamodule.classes, preprocessing)
+    speed = resolve_speed_settings(cfg, model)
     print_config_tree(cfg)
 
     callbacks = instantiate_all(cfg.get("callbacks"))
     if cfg.get("finetune") and cfg.finetune.get("callback"):
-        if "_target_" not in cfg.finetune.callback:
-            raise FinetuneError(
-                f"finetune.callback has settings ({', '.join(cfg.finetune.callback)}) but no _target_: they belong "
-                f"to another strategy than finetune={cfg.finetune.get('name')} (an experiment's knobs after "
-                "switching finetune=...); remove them with ~finetune.callback.KEY or keep the experiment's strategy")
-        callbacks.append(hydra.utils.instantiate(cfg.finetune.callback))
+        callbacks.append(strategy_callback(cfg))
     callbacks.append(ParameterCounts())  # after the strategy's callback: it counts what that one froze
     if cfg.get("budget_minutes") is not None:
         callbacks.append(TimeBudget(cfg.budget_minutes))
-    loggers = instantiate_all(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), purge_step)
     plugins, slurm_callbacks = slurm_requeue(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + slurm_callbacks,
-                                                 logger=loggers or False, **({"plugins": plugins} if plugins else {}))
-    log_hyperparameters(cfg, loggers, image_size=model.preprocessing.crop_size, resuming=resuming)
+                                                 logger=loggers or False, **speed.trainer_kwargs(), **sized,
+                                                 **({"plugins": plugins} if plugins else {}))
+    log_hyperparameters(cfg, loggers, {"data.image_size": preprocessing.crop_size, **speed.resolved()},
+                        resuming=resuming)
     return datamodule, model, trainer
+
+
+def check_sizes(model: L.LightningModule, p: Preprocessing) -> None:
+    """The sizes the data config set (not the weights' own, which need no check) fit the backbone."""
+    if "crop_size" in p.explicit:
+        check_input_size(model.backbone, p.crop_size, channels_last=model.channels_last)
+    if "train_crop_size" in p.explicit:
+        check_input_size(model.backbone, p.train_size, key="data.train_image_size", channels_last=model.channels_last)
+
+
+def strategy_callback(cfg: DictConfig) -> L.Callback:
+    """The fine-tuning strategy's callback (`finetune.callback`)."""
+    if "_target_" not in cfg.finetune.callback:
+        raise FinetuneError(
+            f"finetune.callback has settings ({', '.join(cfg.finetune.callback)}) but no _target_: they belong "
+            f"to another strategy than finetune={cfg.finetune.get('name')} (an experiment's knobs after "
+            "switching finetune=...); remove them with ~finetune.callback.KEY or keep the experiment's strategy")
+    return hydra.utils.instantiate(cfg.finetune.callback)
 
 
 def slurm_requeue(cfg: DictConfig) -> tuple[list, list[L.Callback]]:
@@ -103,19 +129,16 @@ def slurm_requeue(cfg: DictConfig) -> tuple[list, list[L.Callback]]:
     return [*configured, SLURMEnvironment(auto_requeue=False)], [RequeueOnSignal(requeue_signal)]
 
 
-def continue_tensorboard_at(cfg: DictConfig, ckpt_path: str | Path) -> None:
+def tensorboard_purge_step(cfg: DictConfig, ckpt_path: str | Path) -> int:
     """A resumed run logs into the same TensorBoard run; steps the stopped run logged after its
-    checkpoint are logged again, so TensorBoard is told to hide the stale ones (SummaryWriter's
-    purge_step) and each step shows once."""
+    checkpoint are logged again, so TensorBoard is told to hide the stale ones from this step on
+    (SummaryWriter's purge_step, given to the loggers when they are built) and each step shows once."""
     loop = load_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint")))["loops"]["fit_loop"]
     step = loop["epoch_loop.state_dict"]["_batches_that_stepped"]
     batches = loop.get("epoch_loop.batch_progress", {}).get("current", {})
     if batches.get("processed", 0) > batches.get("completed", 0):
         step += 1  # saved in on_train_batch_end, before Lightning counted the batch (it does on restart)
-    with open_dict(cfg):
-        for entry in (cfg.get("logger") or {}).values():
-            if entry is not None and str(entry.get("_target_", "")).endswith("TensorBoardLogger"):
-                entry.purge_step = step
+    return step
 
 
 def keep_tuned_lr(model: L.LightningModule, ckpt_path: str | Path) -> None:
@@ -144,8 +167,8 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
         if problem:
             raise FinetuneError(f"ckpt_path={ckpt_path} cannot be resumed from ({problem}); pass a checkpoint "
                                 "written by train.py (RUN_DIR/checkpoints/*.ckpt)")
-        continue_tensorboard_at(cfg, ckpt_path)
-    datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path))
+    purge_step = tensorboard_purge_step(cfg, ckpt_path) if ckpt_path else None
+    datamodule, model, trainer = build(cfg, resuming=bool(ckpt_path), purge_step=purge_step)
     if ckpt_path and hasattr(datamodule, "resume_split_from"):
         datamodule.resume_split_from(ckpt_path)  # validate on the images the run validated on
     if cfg.get("tune_lr") and ckpt_path:
@@ -166,16 +189,22 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     metrics[FIT_TIME] = fit_time
 
     if cfg.get("test"):
-        if not best:
-            log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
-        model.set_tta(cfg.get("tta"))
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        if best:
-            log.info("best checkpoint: %s", best)
+        metrics.update(final_test(trainer, model, datamodule, best, cfg.get("tta"), weights_only))
     if trainer.is_global_zero:
         report(metrics, best, Path(cfg.paths.output_dir))
     return metrics
+
+
+def final_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, best: str,
+              tta: str | None, weights_only: bool) -> dict[str, float]:
+    """test/* of the best checkpoint (with `tta`), or of the current weights when there is none."""
+    if not best:
+        log.warning("no best checkpoint (fast_dev_run or no ModelCheckpoint): testing the current weights")
+    model.set_tta(tta)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
+    if best:
+        log.info("best checkpoint: %s", best)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def report(metrics: dict[str, float], best: str, run_dir: Path) -> None:

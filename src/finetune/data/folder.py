@@ -15,12 +15,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.data.datamodule import ImageDataModule, available_cpus, upsample_on_device
+from finetune.data.datamodule import ImageDataModule
 from finetune.data.decode import decoder, load_rgb  # noqa: F401  (load_rgb: its former home)
 from finetune.data.file_checks import FILE_ERRORS, FileChecks, SkippingImageFolder
 from finetune.data.file_walk import iter_files, list_images, open_regular
 from finetune.data.resized_cache import resized_copy
-from finetune.data.transforms import Preprocessing
+from finetune.data.transforms import Preprocessing, upsample_on_device
+from finetune.data.workers import available_cpus
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -172,9 +173,9 @@ class FolderDataModule(ImageDataModule):
             self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files, sizes)
         return self._unreadable
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
+    def use_preprocessing(self, p: Preprocessing) -> None:
         self._image_root = None  # the cache is keyed by the resize size
-        return super().adopt(model_preprocessing)
+        super().use_preprocessing(p)
 
     def make_split(self, split: str, transform) -> Dataset | None:
         folder = self.image_root() / split

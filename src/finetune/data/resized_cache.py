@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -32,11 +31,11 @@ from finetune.cache_lock import LOCK_SUFFIX, entry_lock, remove_leftovers
 from finetune.data.decode import load_rgb
 from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
 from finetune.data.file_walk import list_images, open_regular
+from finetune.data.jpeg import save_jpeg, shrunk
 from finetune.data.progress import Progress
 
 log = logging.getLogger("finetune")
-VERSION = 3  # bump when the way copies are made changes (2: the shared decoder; 3: names kept)
-JPEG_QUALITY = 95
+VERSION = 4  # bump when the way copies are made changes (2: the shared decoder; 3: names kept; 4: 4:4:4 JPEG)
 STAGING_SUFFIX = ".tmp"  # a copy being built: .<name>.<pid>.tmp beside where it will be
 
 
@@ -103,7 +102,8 @@ def remove_stale(target: Path) -> None:
 
 
 def shrink(src: Path, dst: Path, short_side: int, draft: bool = True) -> None:
-    """Write `src` with its short side reduced to `short_side` (JPEG); smaller images are copied.
+    """Write `src` with its short side reduced to `short_side` (as `finetune.data.jpeg` shrinks and
+    stores every image, the converted chunks' too); smaller images are copied as they are.
 
     `draft`: decode JPEGs at reduced scale first, as `finetune.data.decode.load_rgb` does.
     """
@@ -116,12 +116,8 @@ def shrink(src: Path, dst: Path, short_side: int, draft: bool = True) -> None:
                 shutil.copyfileobj(f, out)
             return
     image = load_rgb(str(src), short_side if draft else None)  # upright, 8-bit RGB
-    w, h = image.size
-    scale = short_side / min(w, h)
-    size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
-    small = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    small.save(dst, "JPEG", quality=JPEG_QUALITY)  # under the source's own name: see the module doc
+    save_jpeg(shrunk(image, short_side), dst)  # under the source's own name: see the module doc
 
 
 class _ShrinkAll(Dataset):

@@ -1,6 +1,5 @@
 """`data=streaming`: train from the LitData chunks `python -m finetune.optimize` wrote, in a local
-folder or under an `s3://` URI (credentials and endpoint from the usual AWS environment variables:
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...).
+folder or under an `s3://` URI (how either is read: `finetune.data.storage`).
 
 A converted data set is DIR/{train,val,test}/ (each a LitData dataset: index.json and chunks of
 {"image": JPEG bytes at the resize size, "label": int}) and DIR/finetune.json (class names, the
@@ -19,9 +18,7 @@ import hashlib
 import io
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.datamodule import ImageDataModule
+from finetune.data.storage import (
+    CONVERT,
+    allow_plain_http_endpoint,
+    is_remote,
+    join,
+    normalise_dir,
+    read_bytes,
+)
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 
@@ -39,127 +44,6 @@ log = logging.getLogger("finetune")
 METADATA = "finetune.json"
 FORMAT = 1
 SPLITS = ("train", "val", "test")
-CONVERT = "python -m finetune.optimize data=<source> output={uri}"
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri
-
-
-def join(base: str, *names: str) -> str:
-    """`base`/`names` for a local folder or a URI (URIs always use '/')."""
-    if is_remote(base):
-        return "/".join([base.rstrip("/"), *names])
-    return str(Path(base, *names))
-
-
-def normalise_dir(uri: str) -> str:
-    """An absolute local path (workers and ranks may run elsewhere), or the URI without a trailing '/'."""
-    return uri.rstrip("/") if is_remote(uri) else str(Path(uri).expanduser().resolve())
-
-
-def allow_plain_http_endpoint() -> None:
-    """LitData moves chunks with obstore, which refuses an http:// endpoint (a local MinIO, moto)
-    that boto3 accepts: LitData passes obstore fixed client options without `allow_http` (litdata
-    0.2.76), so obstore ignores AWS_ALLOW_HTTP too. An explicit http:// AWS_ENDPOINT_URL is the
-    user's choice: the option is added to LitData's options here, in every process that imports
-    this module (spawned loader workers do when they unpickle the data set)."""
-    if not os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
-        return
-    os.environ.setdefault("AWS_ALLOW_HTTP", "true")
-    from litdata.streaming import downloader
-
-    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
-    if isinstance(options, dict):
-        options["allow_http"] = True
-
-
-def _s3_client() -> Any:
-    """boto3's S3 client as the AWS variables configure it (AWS_ENDPOINT_URL included), failing
-    fast on an unreachable endpoint instead of retrying for minutes."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
-                                            retries={"max_attempts": 2, "mode": "standard"}))
-
-
-def _bucket_key(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise FinetuneError(f"{uri}: only local folders and s3:// URIs are supported; use s3://BUCKET/PREFIX")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
-
-
-@contextmanager
-def storage_errors(uri: str, missing: str) -> Iterator[None]:
-    """Storage failures as one FinetuneError line naming `uri` and the fix; `missing`: what to say
-    when the object is not there."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        ReadTimeoutError,
-    )
-
-    try:
-        yield
-    except FileNotFoundError:
-        raise FinetuneError(missing) from None
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as e:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
-        raise FinetuneError(f"cannot reach {endpoint} for {uri} ({type(e).__name__}); check AWS_ENDPOINT_URL "
-                            "(unset it for AWS itself) and that the server is up") from None
-    except NoCredentialsError:
-        raise FinetuneError(f"no AWS credentials to read {uri}; set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code == "NoSuchBucket":
-            raise FinetuneError(f"the bucket of {uri} does not exist; create it and upload the data "
-                                f"({CONVERT.format(uri=uri.rsplit('/', 1)[0])}), or fix the URI") from None
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise FinetuneError(missing) from None
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken",
-                    "InvalidToken"):
-            raise FinetuneError(f"S3 refused access to {uri} ({code}); check AWS_ACCESS_KEY_ID, "
-                                "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN") from None
-        raise FinetuneError(f"S3 error {code or e} for {uri}; check the URI and the AWS variables") from None
-
-
-def read_bytes(uri: str, missing: str) -> bytes:
-    """The file at a local path or an s3:// URI."""
-    with storage_errors(uri, missing):
-        if not is_remote(uri):
-            return Path(uri).read_bytes()
-        bucket, key = _bucket_key(uri)
-        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file at a local path (temp name, then renamed) or an s3:// URI (one PUT: atomic)."""
-    with storage_errors(uri, f"cannot write {uri}; check the URI"):
-        if not is_remote(uri):
-            path = Path(uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            return
-        bucket, key = _bucket_key(uri)
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-
-
-def exists(uri: str) -> bool:
-    """Whether the file at `uri` is there (storage errors other than "not found" are raised)."""
-    try:
-        read_bytes(uri, "missing")
-    except FinetuneError as e:
-        if str(e) == "missing":
-            return False
-        raise
-    return True
 
 
 def read_metadata(input_dir: str) -> dict[str, Any]:
@@ -199,8 +83,6 @@ def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
 
-
-allow_plain_http_endpoint()
 
 
 class StreamingImages(StreamingDataset):
@@ -273,7 +155,8 @@ class ResumableStreamingLoader(StreamingDataLoader):
 
 class StreamingDataModule(ImageDataModule):
     """Images from a data set converted by `python -m finetune.optimize`: the source's classes and
-    preprocessing (its explicit data.* settings, on top of the model's), then this config's."""
+    preprocessing (its explicit data.* settings, on top of the model's, `source_preprocessing`),
+    then this config's."""
 
     def __init__(self, input_dir: str, cache_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -296,22 +179,20 @@ class StreamingDataModule(ImageDataModule):
     def source_size(self) -> int | None:
         return self.metadata.get("source_size")
 
-    def adopt(self, model_preprocessing: Preprocessing) -> Preprocessing:
-        """The model's preprocessing with the source's explicit settings, then this config's, on top:
-        the transforms the source itself would have had. The pixels were decoded at conversion, so
-        `draft_decode` is the source's (predict and export decode files as the images were)."""
+    def source_preprocessing(self) -> dict[str, Any]:
+        """The source's explicit settings at conversion: the transforms the source itself would
+        have had. The pixels were decoded at conversion, so `draft_decode` is the source's
+        (predict and export decode files as the images were)."""
         stored = self.metadata["preprocessing"]
-        p = model_preprocessing.override(**self.metadata.get("overrides", {}))
-        p = p.override(draft_decode=stored.get("draft_decode", True))
-        self.preprocessing = p.override(**self.overrides)
-        self.datasets.clear()
-        short, stored_short = max(self.preprocessing.resize_size, self.preprocessing.crop_size), \
-            self.metadata.get("short_side")
+        return {**self.metadata.get("overrides", {}), "draft_decode": stored.get("draft_decode", True)}
+
+    def use_preprocessing(self, p: Preprocessing) -> None:
+        super().use_preprocessing(p)
+        short, stored_short = max(p.resize_size, p.crop_size), self.metadata.get("short_side")
         if stored_short and short > stored_short and (self.source_size() or short) > stored_short:
             log.warning("%s stores images with short side %d px, but this run resizes to %d px: they are "
                         "upsampled; convert again with this model and sizes for full detail",
                         self.input_dir, stored_short, short)
-        return self.preprocessing
 
     def prepare_data(self) -> None:
         self.metadata  # noqa: B018  (reads it: a bad URI or missing data fails here, in one line)
@@ -328,28 +209,21 @@ class StreamingDataModule(ImageDataModule):
         digest = hashlib.sha256(data).hexdigest()
         return StreamingSplit(self.input_dir, split, int(size), transform, self.cache_dir, digest)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)  # a strategy's stand-in (LP-FT's cached features) included
-        if split != "train" or not isinstance(dataset, StreamingSplit):  # eval, or cached features
-            return super()._loader(split, shuffle)
-        return self._streaming_train_loader(dataset)
-
-    def _streaming_train_loader(self, dataset: StreamingSplit) -> ResumableStreamingLoader:
-        """LitData's loader: shuffled chunks, each rank its share (equal shares under DDP, so the
-        ranks step together), and a state_dict that Lightning keeps in checkpoints."""
-        trainer = self.trainer
-        world_size = trainer.world_size if trainer else 1
-        workers = self.loader_workers()
-        log.info("train loader (streaming %s): batch %d, %d workers", dataset.root, self.batch_size, workers)
+    def training_loader(self, dataset: Dataset) -> DataLoader:
+        """LitData's loader over the split's chunks: shuffled chunks, each rank its share (equal
+        shares under DDP, so the ranks step together), and a state_dict that Lightning keeps in
+        checkpoints. A stand-in (LP-FT's cached features) is iterated as every source's is."""
+        if not isinstance(dataset, StreamingSplit):
+            return super().training_loader(dataset)
+        settings = self.loader_settings("train")
+        log.info("train loader (streaming %s): batch %d, %d workers", dataset.root, settings.batch_size,
+                 settings.num_workers)
         # drop_last: equal shares per rank under DDP, and no last batch of one image (it breaks
         # BatchNorm); LitData drops each worker's incomplete last batch.
-        drop_last = world_size > 1 or len(dataset) > self.batch_size
+        trainer = self.trainer
+        drop_last = (trainer.world_size if trainer else 1) > 1 or len(dataset) > settings.batch_size
         stream = dataset.stream(shuffle=True, drop_last=drop_last, seed=self.seed)
-        return ResumableStreamingLoader(
-            stream, batch_size=self.batch_size, num_workers=workers, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None, collate_fn=self.collate,
-            # A generator of its own: creating each epoch's iterator draws the workers' base seed,
-            # and from the global RNG that draw would shift dropout after a resume (see ResumeState).
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        # A generator of its own: creating each epoch's iterator draws the workers' base seed, and from
+        # the global RNG that draw would shift dropout after a resume (see ResumeState).
+        return ResumableStreamingLoader(stream, generator=torch.Generator().manual_seed(self.seed),
+                                        **settings.kwargs())

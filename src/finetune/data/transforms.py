@@ -7,7 +7,7 @@ It is stored in the checkpoint so that eval, predict and export rebuild the same
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,10 @@ class Preprocessing:
     # The crop size training batches reach the network at (FixRes: train lower than you test);
     # None: `crop_size`. Eval, predict, export and serve use `crop_size`. Old checkpoints: None.
     train_crop_size: int | None = None
+    # The fields the data source or the user set, rather than the weights (decided once, by
+    # finetune.data.preprocessing.decide_preprocessing). Not compared: the same values preprocess
+    # the same whoever set them.
+    explicit: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def train_size(self) -> int:
@@ -72,6 +76,8 @@ def _normalised(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("mean", "std", "crop_scale"):
         if key in out:
             out[key] = tuple(float(x) for x in out[key])
+    if "explicit" in out:
+        out["explicit"] = tuple(str(x) for x in out["explicit"])
     for key in ("crop_size", "resize_size", "train_crop_size"):
         if out.get(key) is not None:
             out[key] = int(out[key])

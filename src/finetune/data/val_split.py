@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from finetune.errors import FinetuneError
 from finetune.safe_checkpoint import load_checkpoint
@@ -130,3 +130,51 @@ def write(path: str | os.PathLike, record: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+class SplitKeeper:
+    """A data module's validation split off train: drawn once from `seed`, or taken from the
+    checkpoint a fit resumes (`resume_from`), in every checkpoint through the data module's
+    `state_dict`, and written for people to `split_file` by the fitting rank zero."""
+
+    def __init__(self, val_fraction: float, seed: int, split_file: str | None = None) -> None:
+        self.val_fraction, self.seed, self.split_file = val_fraction, seed, split_file
+        self.record: dict[str, Any] | None = None  # the split in use
+        self._stored: dict[str, Any] | None = None  # the split to reuse
+        self._resumed_from: str | None = None
+
+    def take(self, train: Dataset, train_eval: Dataset, write_file: bool) -> tuple[Subset, Subset]:
+        """(train less val, val seen through `train_eval`, the same images as `train` through
+        another transform); `write_file`: this process writes `split_file`."""
+        stored = self._stored
+        if stored is None and self._resumed_from:
+            log.warning("%s holds no validation split (written before splits were stored): it is drawn again "
+                        "from data.seed; if train's files changed since, validation may hold images already "
+                        "trained on", self._resumed_from)
+        if stored is None:
+            train_idx, val_idx, self.record = draw(train, self.val_fraction, self.seed)
+        else:
+            train_idx, val_idx = reuse(train, stored, self.val_fraction, self.seed)
+            self.record = stored
+        if self.split_file and write_file:
+            write(self.split_file, self.record)
+        return Subset(train, train_idx), Subset(train_eval, val_idx)
+
+    def resume_from(self, ckpt_path: str | os.PathLike, state_key: str) -> None:
+        """Reuse the split stored in `ckpt_path` under the data module's state key `state_key`."""
+        self._resumed_from = str(ckpt_path)
+        self._stored = stored_in_checkpoint(ckpt_path, state_key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {KEY: self.record} if self.record is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any], set_up: bool) -> None:
+        """Before set-up (`set_up` False): the split to reuse. After it (Lightning restores a
+        checkpoint once the data is set up): the split in use must be that one."""
+        stored = state_dict.get(KEY)
+        if stored is None:
+            return
+        if not set_up:
+            self._stored = stored
+        elif stored != self.record:
+            raise RuntimeError("the validation split in use is not the one stored in the checkpoint being restored")

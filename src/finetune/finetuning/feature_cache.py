@@ -36,18 +36,24 @@ import os
 import re
 import tempfile
 import types
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-from finetune.data.progress import Progress
+from finetune.data.subsets import innermost
+from finetune.finetuning.feature_extraction import (
+    FeatureSource,
+    FeatureWriter,
+    MappedFeatures,
+    extract_features,
+    stream_features,
+)
 
 log = logging.getLogger("finetune")
 FORMAT = 4  # bump when what an entry holds, how its key is made, or what the decoder does changes
@@ -105,12 +111,6 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
-def _innermost(dataset: Dataset) -> Dataset:
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return dataset
-
-
 def dataset_fingerprint(dataset: Dataset) -> str | None:
     """What the data set holds (not how it is transformed); None when that cannot be told."""
     if isinstance(dataset, Subset):
@@ -134,120 +134,6 @@ def precision_description(trainer: L.Trainer) -> str:
     return f"{type(plugin).__qualname__}({precision}) on {trainer.strategy.root_device.type}"
 
 
-def batch_step(datamodule: Any, dataset: Dataset) -> Any:
-    """The per-batch step (a `BatchResize` or None) the uncached path gives `dataset`'s batches."""
-    step_for = getattr(datamodule, "batch_step_for", None)
-    return step_for(dataset) if step_for is not None else getattr(datamodule, "batch_transform", None)
-
-
-def _per_batch(datamodule: Any, dataset: Dataset) -> Any:
-    """(images, targets) -> what the model gets: the step of `dataset`'s own transform (train and
-    eval sizes may differ), or for a datamodule without `batch_step_for` its hook."""
-    if datamodule is None:
-        return lambda batch: batch
-    if not hasattr(datamodule, "batch_step_for"):
-        return lambda batch: datamodule.on_after_batch_transfer(batch, 0)
-    step = datamodule.batch_step_for(dataset)
-    return lambda batch: datamodule.resize_batch(batch, step)
-
-
-@torch.no_grad()
-def _extract(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any, channels_last: bool,
-    sink: Callable[[torch.Tensor, torch.Tensor], None], what: str,
-) -> None:
-    """Each batch's backbone outputs (float32, CPU) and labels, in order, handed to `sink` as they come.
-
-    Batches go through the datamodule's per-batch step for the loader's data set (`batch_step_for`,
-    what `on_after_batch_transfer` gives them in training or evaluation) and the precision plugin, and
-    into the memory format the model's `forward` uses, as they would in training (small sources
-    are resized and normalised on the device there).
-    """
-    modes = {m: m.training for m in backbone.modules()}  # per module: frozen BatchNorm is already eval
-    backbone.eval()
-    device = trainer.strategy.root_device
-    per_batch = _per_batch(datamodule, loader.dataset)
-    try:
-        with Progress(what, total=len(loader.dataset)) as progress, trainer.precision_plugin.forward_context():
-            for images, targets in loader:
-                images = images.to(device)
-                images, targets = per_batch((images, targets))
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                sink(backbone(images).float().cpu(), torch.as_tensor(targets))
-                progress.advance(len(images))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-
-
-def extract_features(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, datamodule: Any = None,
-    channels_last: bool = False, what: str = "extracting features",
-) -> TensorDataset:
-    """Backbone outputs for every sample of `loader`, in order, as float32 in memory (see `_extract`).
-
-    `FeatureCache` streams them to disk instead; this is for runs with no cache dir.
-    """
-    features, labels = [], []
-
-    def keep(batch: torch.Tensor, targets: torch.Tensor) -> None:
-        features.append(batch)
-        labels.append(targets)
-
-    _extract(backbone, loader, trainer, datamodule, channels_last, keep, what)
-    return TensorDataset(torch.cat(features), torch.cat(labels))
-
-
-class MappedFeatures(TensorDataset):
-    """Features memory-mapped from an `.npy` file (read through the page cache, never loaded whole)
-    and their labels (in memory: 8 bytes an image).
-
-    Pickled (a loader worker under spawn) by its path, so a worker maps the file too rather than
-    receiving a copy of every feature.
-    """
-
-    def __init__(self, path: str | Path, labels: torch.Tensor) -> None:
-        self.path = Path(path)
-        # Copy-on-write: a writable tensor (no warning from torch), and the file is never changed.
-        features = torch.from_numpy(np.load(self.path, mmap_mode="c"))
-        super().__init__(features, labels)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.path, self.tensors[1])
-
-
-class _FeatureWriter:
-    """A `sink` for `_extract` that appends each batch to an open `.npy` file of `n` rows.
-
-    The header (shape `(n, *feature shape)`) is written with the first batch, which says the
-    feature shape; the labels are kept in memory (8 bytes an image). Only one batch of features
-    is ever held here.
-    """
-
-    def __init__(self, file: IO[bytes], n: int) -> None:
-        self.file, self.n, self.rows = file, n, 0
-        self.shape: tuple[int, ...] | None = None
-        self.labels: torch.Tensor | None = None
-        self.header_bytes = 0
-
-    def __call__(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        if self.shape is None:
-            self.shape = (self.n, *features.shape[1:])
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                      "shape": self.shape}
-            np.lib.format.write_array_header_1_0(self.file, header)
-            self.header_bytes = self.file.tell()
-            self.labels = torch.empty(self.n, dtype=targets.dtype)
-        if tuple(features.shape[1:]) != self.shape[1:] or self.rows + len(features) > self.n:
-            raise RuntimeError(f"feature cache: a batch of {tuple(features.shape)} does not fit rows "
-                               f"{self.rows}.. of {self.shape}")
-        self.file.write(np.ascontiguousarray(features.numpy(), dtype=np.float32).data)
-        self.file.flush()  # on disk (the page cache) now, not in this process
-        self.labels[self.rows:self.rows + len(features)] = targets
-        self.rows += len(features)
-
-
 class FeatureCache:
     """Backbone features of a datamodule's splits, kept under `cache_dir` (None: computed, never kept).
 
@@ -269,15 +155,17 @@ class FeatureCache:
     def _backbone_key(self) -> str:
         return module_fingerprint(self.backbone)
 
-    def key_parts(self, datamodule: Any, split: str) -> tuple[dict[str, str] | None, str]:
-        """(everything a feature of `split` depends on, as text; "") or (None, why not)."""
-        dataset = datamodule.datasets[split]
+    def key_parts(self, source: FeatureSource, split: str,
+                  images: Dataset | None = None) -> tuple[dict[str, str] | None, str]:
+        """(everything a feature of `split` depends on, as text; "") or (None, why not); `images`:
+        what its features are computed from (None: `source.images(split)`)."""
+        dataset = source.images(split) if images is None else images
         data = dataset_fingerprint(dataset)
         if data is None:
-            return None, (f"the {type(_innermost(dataset)).__name__} data set has no fingerprint() "
+            return None, (f"the {type(innermost(dataset)).__name__} data set has no fingerprint() "
                           "(nor samples, nor data and targets)")
-        base = _innermost(dataset)
-        hook = getattr(type(datamodule), "on_after_batch_transfer", None)
+        base = innermost(dataset)
+        hook = type(source).on_after_batch_transfer
         parts = {
             "format": str(FORMAT),
             "split": split,
@@ -285,7 +173,7 @@ class FeatureCache:
             "per_image": f"loader={describe(getattr(base, 'loader', None))} "
                          f"transform={describe(getattr(base, 'transform', None))} "
                          f"target_transform={describe(getattr(base, 'target_transform', None))}",
-            "per_batch": f"{describe(hook)}: {describe(batch_step(datamodule, dataset))}",
+            "per_batch": f"{describe(hook)}: {describe(source.batch_step_for(dataset))}",
             "precision": precision_description(self.trainer),
             "memory_format": "channels_last" if self.channels_last else "contiguous",
             "backbone": f"{self.name} {type(self.backbone).__qualname__} "
@@ -296,42 +184,38 @@ class FeatureCache:
             return None, f"the {', '.join(unstable) or 'backbone'} description holds a memory address: {parts}"
         return parts, ""
 
-    def path_for(self, datamodule: Any, split: str) -> Path | None:
+    def path_for(self, source: FeatureSource, split: str, images: Dataset | None = None) -> Path | None:
         """Where `split`'s features are kept; None when there is no cache dir or no key."""
         if self.cache_dir is None:
             return None
-        parts, _ = self.key_parts(datamodule, split)
+        parts, _ = self.key_parts(source, split, images)
         return None if parts is None else self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
 
-    def features(self, datamodule: Any, split: str) -> TensorDataset:
-        """`split`'s features: from the cache when its key matches, else computed (and kept)."""
+    def features(self, source: FeatureSource, split: str, images: Dataset | None = None) -> TensorDataset:
+        """`split`'s features: from the cache when its key matches, else computed (and kept).
+        `images`: what they are computed from (None: `source.images(split)`; LP-FT passes the
+        training images through the evaluation transform)."""
+        images = source.images(split) if images is None else images
         if self.cache_dir is None:
-            return self._compute(datamodule, split)
-        parts, why = self.key_parts(datamodule, split)
+            return self._compute(source, split, images)
+        parts, why = self.key_parts(source, split, images)
         if parts is None:
             log.warning("feature cache: not kept for %s: %s", split, why)
-            return self._compute(datamodule, split)
+            return self._compute(source, split, images)
         path = self.cache_dir / f"{split}-{_digest(json.dumps(parts, sort_keys=True))}.pt"
         if not self.trainer.is_global_zero:  # only rank zero writes; the others read or compute
-            return self._load(path, parts, datamodule, split) or self._compute(datamodule, split)
+            return self._load(path, parts, len(images), split) or self._compute(source, split, images)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Concurrent runs (a sweep) wait for the one computing this entry, then read it.
         with FileLock(f"{path}.lock"):
-            cached = self._load(path, parts, datamodule, split)
+            cached = self._load(path, parts, len(images), split)
             if cached is not None:
                 return cached
-            return self._compute_and_save(path, parts, datamodule, split)
+            return self._compute_and_save(path, parts, source, split, images)
 
-    def _loader(self, datamodule: Any, split: str) -> DataLoader:
-        # A generator of its own: a cache miss must not draw from the global RNG, or a warm-cache
-        # run would shuffle differently from a cold one.
-        return DataLoader(datamodule.datasets[split], batch_size=datamodule.eval_batch_size, shuffle=False,
-                          num_workers=datamodule.loader_workers(), generator=torch.Generator(),
-                          collate_fn=getattr(datamodule, "collate", None))
-
-    def _compute(self, datamodule: Any, split: str) -> TensorDataset:
+    def _compute(self, source: FeatureSource, split: str, images: Dataset) -> TensorDataset:
         """`split`'s features in memory (no cache dir, no key, or a rank that does not write)."""
-        result = extract_features(self.backbone, self._loader(datamodule, split), self.trainer, datamodule,
+        result = extract_features(self.backbone, source.ordered_loader(images), self.trainer, source,
                                   self.channels_last, what=f"extracting {split} features")
         log.info("feature cache: computed %s features of %d images (in memory)", split, len(result))
         return result
@@ -340,13 +224,12 @@ class FeatureCache:
     def _features_path(path: Path) -> Path:
         return path.with_suffix(".npy")
 
-    def _load(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset | None:
+    def _load(self, path: Path, parts: dict[str, str], n: int, split: str) -> TensorDataset | None:
         """The entry at `path` if it exists and was made from exactly `parts`, for as many images,
         with a features file of the shape and size it recorded."""
         if not path.exists():
             return None
         entry = torch.load(path, weights_only=True)
-        n = len(datamodule.datasets[split])
         features = self._features_path(path)
         if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n \
                 or not features.exists() or features.stat().st_size != entry.get("features_bytes"):
@@ -363,7 +246,8 @@ class FeatureCache:
         log.info("feature cache: %s features of %d images from %s (memory-mapped)", split, n, features)
         return result
 
-    def _compute_and_save(self, path: Path, parts: dict[str, str], datamodule: Any, split: str) -> TensorDataset:
+    def _compute_and_save(self, path: Path, parts: dict[str, str], source: FeatureSource, split: str,
+                          images: Dataset) -> TensorDataset:
         """Features streamed to a temp `.npy` next to `path` batch by batch, renamed into place when
         complete, then the `.pt` (key and labels) the same way: an entry is whole or absent.
 
@@ -374,11 +258,11 @@ class FeatureCache:
             stale.unlink(missing_ok=True)
         features = self._features_path(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{features.name}.", suffix=".tmp")
-        n = len(datamodule.datasets[split])
+        n = len(images)
         try:
             with os.fdopen(fd, "wb") as file:
-                writer = _FeatureWriter(file, n)
-                _extract(self.backbone, self._loader(datamodule, split), self.trainer, datamodule,
+                writer = FeatureWriter(file, n)
+                stream_features(self.backbone, source.ordered_loader(images), self.trainer, source,
                          self.channels_last, writer, f"extracting {split} features")
                 os.fsync(file.fileno())
             if writer.rows != n or writer.labels is None:

@@ -1,24 +1,21 @@
-"""`create_backbone`: a torchvision or timm classifier with its last layer removed, plus its preprocessing.
-
-`model.name` is looked up in torchvision first (so `resnet50` keeps meaning torchvision's), then in
-timm (`tf_efficientnet_lite0`, `convnext_tiny`, ...); `timm:NAME` picks timm explicitly.
+"""`create_backbone`: a torchvision or timm classifier with its last layer removed, plus the
+preprocessing its weights expect; what `model.name` and `model.weights` mean is resolved once, in
+weights.py (`resolve` -> `WeightsSpec`), and the network is built from that spec.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import timm
 import torchvision
-from timm.data import resolve_data_config
 from torch import nn
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
-
-TIMM_PREFIX = "timm:"
+from finetune.models.architecture import TIMM_PREFIX, Architecture, architecture  # noqa: F401  (its former home)
+from finetune.models.weights import WeightsSpec
 
 
 @dataclass
@@ -26,57 +23,6 @@ class Backbone:
     module: nn.Module
     num_features: int
     preprocessing: Preprocessing
-
-
-@dataclass(frozen=True)
-class Architecture:
-    library: str  # "torchvision" or "timm"
-    name: str  # the name that library knows it by
-
-
-def classification_models() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def architecture(name: str) -> Architecture:
-    if name.startswith(TIMM_PREFIX) and timm.is_model(name[len(TIMM_PREFIX):]):
-        return Architecture("timm", name[len(TIMM_PREFIX):])
-    if name in classification_models():
-        return Architecture("torchvision", name)
-    if timm.is_model(name):
-        return Architecture("timm", name)
-    raise FinetuneError(
-        f"unknown model.name={name}; use a torchvision classification model such as resnet18, "
-        "resnet50, mobilenet_v2 (torchvision.models.list_models()) or a timm model such as "
-        "tf_efficientnet_lite0, convnext_tiny (timm.list_models())"
-    )
-
-
-def preprocessing_of(weights) -> Preprocessing:
-    """Sizes, mean, std and interpolation from torchvision's weights metadata."""
-    if weights is None:
-        return Preprocessing()
-    tf = weights.transforms()
-    return Preprocessing(
-        crop_size=int(tf.crop_size[0]),
-        resize_size=int(tf.resize_size[0]),
-        mean=tuple(tf.mean),
-        std=tuple(tf.std),
-        interpolation=tf.interpolation.value,
-    )
-
-
-def timm_preprocessing(model: nn.Module) -> Preprocessing:
-    """Sizes, mean, std and interpolation from the timm model's pretrained config."""
-    cfg = resolve_data_config({}, model=model)
-    crop = int(cfg["input_size"][-1])
-    return Preprocessing(
-        crop_size=crop,
-        resize_size=math.floor(crop / cfg["crop_pct"]),  # as timm.data.create_transform does
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        interpolation=cfg["interpolation"],
-    )
 
 
 def _drop_path_kwargs(arch: Architecture, drop_path: float | None) -> dict[str, float]:
@@ -103,32 +49,27 @@ def _create_timm(name: str, **kwargs: float) -> nn.Module:
                             "use model.drop_path=null") from None
 
 
-def build_network(
-    name: str, weights: str | None, drop_path: float | None = None
-) -> tuple[nn.Module, Architecture, Preprocessing]:
-    """The whole classifier, weights not loaded yet, and the preprocessing those weights expect.
-
-    A random-init model keeps the preprocessing of the architecture's default weights, so that
-    pretrained and from-scratch twins see identical inputs. `drop_path` sets a timm model's
-    stochastic depth rate (it has no parameters, so any weights load the same).
-    """
-    arch = architecture(name)
-    extra = _drop_path_kwargs(arch, drop_path)
-    if arch.library == "timm":
-        model = _create_timm(weights_lib.timm_pretrained_name(arch.name, weights) or arch.name, **extra)
-        return model, arch, timm_preprocessing(model)
-    enum = weights_lib.torchvision_weights(arch.name, weights)
-    model = torchvision.models.get_model(arch.name, weights=None)
-    return model, arch, preprocessing_of(enum or weights_lib.default_weights(arch.name))
+def build_network(spec: WeightsSpec, drop_path: float | None = None) -> nn.Module:
+    """The whole classifier as `spec` says to build it, weights not loaded yet. `drop_path` sets a
+    timm model's stochastic depth rate (it has no parameters, so any weights load the same)."""
+    extra = _drop_path_kwargs(spec.arch, drop_path)
+    if spec.arch.library == "timm":
+        return _create_timm(spec.build_name, **extra)
+    return torchvision.models.get_model(spec.build_name, weights=None)
 
 
 def create_network(
     name: str, weights: str | None = "DEFAULT", drop_path: float | None = None
 ) -> tuple[nn.Module, Preprocessing]:
     """The whole classifier (ImageNet head included) with `weights` loaded, and its preprocessing."""
-    model, arch, preprocessing = build_network(name, weights, drop_path)
-    weights_lib.resolve(weights, model, arch.name, arch.library).load()
-    return model, preprocessing
+    spec = weights_lib.resolve(name, weights)
+    return load_network(spec, drop_path), spec.preprocessing
+
+
+def load_network(spec: WeightsSpec, drop_path: float | None = None) -> nn.Module:
+    model = build_network(spec, drop_path)
+    spec.load(model)
+    return model
 
 
 def strip_classifier(model: nn.Module) -> int:
@@ -152,9 +93,14 @@ def strip_timm_classifier(model: nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-def create_backbone(name: str, weights: str | None = "DEFAULT", drop_path: float | None = None) -> Backbone:
-    """Build `name` with `weights` loaded and its classifier removed (`drop_path`: timm's rate)."""
-    model, preprocessing = create_network(name, weights, drop_path)
-    timm_model = architecture(name).library == "timm"
-    num_features = strip_timm_classifier(model) if timm_model else strip_classifier(model)
-    return Backbone(model, num_features, preprocessing)
+def create_backbone(name: str, weights: str | None = "DEFAULT", drop_path: float | None = None,
+                    spec: WeightsSpec | None = None) -> Backbone:
+    """Build `name` with `weights` loaded and its classifier removed (`drop_path`: timm's rate);
+    `spec`: those two resolved already (by the caller that decided the preprocessing from it)."""
+    if spec is None:
+        spec = weights_lib.resolve(name, weights)
+    elif (spec.name, spec.weights) != (name, weights):
+        raise ValueError(f"the weights spec is for {spec.name} {spec.weights}, not {name} {weights}")
+    model = load_network(spec, drop_path)
+    num_features = strip_timm_classifier(model) if spec.arch.library == "timm" else strip_classifier(model)
+    return Backbone(model, num_features, spec.preprocessing)

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.data.transforms import Preprocessing
-from finetune.errors import FinetuneError
 from finetune.finetuning.param_groups import check_partition, param_groups
 from finetune.hardware import compile_problem, is_convolutional
 from finetune.models.backbones import create_backbone
+from finetune.models.calibration import TTA_VIEWS, Calibrated, calibration_error  # noqa: F401  (TTA_VIEWS: its former home)
 from finetune.models.factory_config import OPTIMIZER_TYPES, SCHEDULER_TYPES, as_config, as_factory
+from finetune.models.weights import WeightsSpec
 
 log = logging.getLogger("finetune")
 
@@ -34,17 +35,7 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-def _calibration_error(num_classes: int) -> MulticlassCalibrationError:
-    """Expected calibration error over 15 confidence bins (Guo et al. 2017). It is fed
-    probabilities, never logits: torchmetrics applies softmax only when some value lies outside
-    [0, 1], so logits that happen to lie inside would be read as probabilities."""
-    return MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
-
-
-TTA_VIEWS = (None, "hflip")
-
-
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(Calibrated, L.LightningModule):
     """`backbone` (pretrained, classifier removed) followed by `head` (new, sized to the data).
 
     Everything needed to rebuild the model (architecture, class names, preprocessing) is a
@@ -71,28 +62,27 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         temperature: float = 1.0,
         tta_temperatures: dict[str, float] | None = None,
+        weights_spec: WeightsSpec | None = None,
     ) -> None:
+        """Long because every hyperparameter is an argument: `save_hyperparameters` records them
+        from this signature, and a checkpoint is rebuilt from them. `preprocessing`: the decided
+        one (finetune.data.preprocessing; None: the weights' own). `weights_spec`: `name` and
+        `weights` resolved already by the caller that decided the preprocessing from them (None:
+        resolved here); not a hyperparameter."""
         super().__init__()
         if class_names is not None:
             class_names = [str(c) for c in class_names]
         # As config dicts, not partials: a checkpoint holds data only (finetune.safe_checkpoint).
         optimizer, scheduler = as_config(optimizer), as_config(scheduler)
-        self.save_hyperparameters(logger=False)
-        backbone = create_backbone(name, weights, drop_path=drop_path)
+        self.save_hyperparameters(ignore=["weights_spec"], logger=False)
+        backbone = create_backbone(name, weights, drop_path=drop_path, spec=weights_spec)
         self.backbone = backbone.module
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.num_features, num_classes))
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self.set_preprocessing(
             Preprocessing.from_dict(preprocessing) if preprocessing else backbone.preprocessing
         )
-        self.train_metrics = _metrics(num_classes, "train/")
-        self.val_metrics = _metrics(num_classes, "val/")
-        self.test_metrics = _metrics(num_classes, "test/")
-        self.val_acc_best = MaxMetric()
-        # ECE of the network's own probabilities, and (test) of those divided by the temperature.
-        self.val_ece = _calibration_error(num_classes)
-        self.test_ece = _calibration_error(num_classes)
-        self.test_ece_calibrated = _calibration_error(num_classes)
+        self._add_metrics(num_classes)
         self.tta_temperatures: dict[str, float] = {}
         self.set_temperature(temperature)
         for view, value in (tta_temperatures or {}).items():
@@ -110,59 +100,22 @@ class ImageClassifier(L.LightningModule):
         self._trainable = [p for p in self.backbone.parameters() if p.requires_grad]
         self._backbone_trains, self._train_bn, self._bn_frozen = True, False, False
 
+    def _add_metrics(self, num_classes: int) -> None:
+        self.train_metrics = _metrics(num_classes, "train/")
+        self.val_metrics = _metrics(num_classes, "val/")
+        self.test_metrics = _metrics(num_classes, "test/")
+        self.val_acc_best = MaxMetric()
+        # ECE of the network's own probabilities, and (test) of those divided by the temperature.
+        self.val_ece = calibration_error(num_classes)
+        self.test_ece = calibration_error(num_classes)
+        self.test_ece_calibrated = calibration_error(num_classes)
+
     # --- model ------------------------------------------------------------------------------
     def set_preprocessing(self, p: Preprocessing) -> None:
-        """Record the preprocessing actually used, so the checkpoint carries it."""
+        """Record the preprocessing actually used, so the checkpoint carries it (evaluation decides
+        it again, from the checkpoint's and its data config's, and hands it here and to the data)."""
         self.preprocessing = p
         self.hparams["preprocessing"] = p.as_dict()
-
-    def set_temperature(self, temperature: float, tta: str | None = None) -> None:
-        """The softmax temperature that calibrates the probabilities (fitted on the validation
-        split by callbacks.calibration); in the hparams, so every checkpoint carries the value
-        fitted for its own weights. Logits (`forward`, the loss, accuracy) never use it: only the
-        probabilities users see (`predict_step`, `test/ece_calibrated`, the exported model) do.
-        `tta`: the one fitted on logits averaged over that test-time augmentation's views."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if tta is None:
-            self.temperature = float(temperature)
-            self.hparams["temperature"] = self.temperature
-        else:
-            self.tta_temperatures[tta] = float(temperature)
-            self.hparams["tta_temperatures"] = dict(self.tta_temperatures)
-
-    @property
-    def applied_temperature(self) -> float:
-        """The temperature for the logits `tta_logits` gives: fitted on the same kind of logits.
-        Uncalibrated models (T = 1) need none for a test-time augmentation."""
-        if self.tta is None:
-            return self.temperature
-        if self.tta in self.tta_temperatures:
-            return self.tta_temperatures[self.tta]
-        if self.temperature == 1.0 and not self.tta_temperatures:
-            return 1.0
-        raise FinetuneError(
-            f"tta={self.tta}: this checkpoint's temperature ({self.temperature:.4g}) was fitted on plain "
-            f"validation logits, not on {self.tta}-averaged ones, and would miscalibrate them; train with "
-            f"tta={self.tta} (calibration then fits both), or use tta=null")
-
-    def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """softmax(logits / temperature), with the temperature fitted for these logits (plain or
-        TTA-averaged): the same argmax as the logits, honest confidences."""
-        return (logits.float() / self.applied_temperature).softmax(dim=-1)
-
-    @torch.no_grad()
-    def fold_temperature(self) -> None:
-        """Divide the head's last linear layer by the temperature, so `forward` itself returns
-        calibrated logits (for export: the deployed graph needs no extra op); the temperature
-        becomes 1, so the probabilities are the same before and after."""
-        last = self.head[-1]
-        if not isinstance(last, nn.Linear):
-            raise TypeError(f"fold_temperature needs a head ending in nn.Linear, not {type(last).__name__}")
-        last.weight.div_(self.temperature)
-        if last.bias is not None:
-            last.bias.div_(self.temperature)
-        self.set_temperature(1.0)
 
     def _set_speed(self, channels_last: bool | None, compile: bool) -> None:
         """channels_last (None: for CNNs) and torch.compile; the resolved values go in the
@@ -192,22 +145,6 @@ class ImageClassifier(L.LightningModule):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
-
-    def set_tta(self, tta: str | None) -> None:
-        """`hflip`: test and predict average the logits of each image and its mirror image (then
-        the temperature and softmax apply as usual, so loss, ECE and probabilities stay defined
-        on one set of logits); None: the plain view."""
-        if tta not in TTA_VIEWS:
-            raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
-        self.tta = tta
-        self.applied_temperature  # noqa: B018  a temperature fitted for other logits fails here, in one line
-
-    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits through `self.tta`'s views (the plain forward without TTA or for cached features)."""
-        logits = self(images)
-        if self.tta == "hflip" and images.dim() == 4:
-            logits = (logits + self(images.flip(-1))) / 2
-        return logits
 
     def set_backbone_training(self, trains: bool, train_bn: bool = False, bn_frozen: bool = False) -> None:
         """What of the backbone trains; every parameter stays in its optimizer group either way
@@ -275,17 +212,6 @@ class ImageClassifier(L.LightningModule):
         logits = self._shared_step(batch, self.val_metrics, "val")[1]
         self._log_calibration(logits, batch[1], "val")
         return logits
-
-    def _log_calibration(self, logits: torch.Tensor, targets: torch.Tensor, stage: str) -> None:
-        """`<stage>/ece` of the network's probabilities; on test also `test/ece_calibrated`, with
-        the temperature (the one the checkpoint under test carries)."""
-        logits = logits.detach().float()
-        raw = self.val_ece if stage == "val" else self.test_ece
-        raw.update(logits.softmax(dim=-1), targets)
-        self.log(f"{stage}/ece", raw, on_step=False, on_epoch=True)
-        if stage == "test":
-            self.test_ece_calibrated.update(self.calibrated_probabilities(logits), targets)
-            self.log("test/ece_calibrated", self.test_ece_calibrated, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -16,8 +16,8 @@ import torch
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
+from finetune.models.calibration import check_tta
 from finetune.models.checkpoint import load_classifier
-from finetune.models.classifier import TTA_VIEWS
 from finetune.models.exporters import ONNX_PACKAGES
 
 
@@ -45,8 +45,7 @@ class CheckpointModel:
 class OnnxModel:
     def __init__(self, path: str, tta: str | None) -> None:
         onnx, described = Path(path).expanduser(), Path(path).expanduser().with_suffix(".json")
-        if tta not in TTA_VIEWS:
-            raise FinetuneError(f"tta={tta} is not one of {sorted(str(v) for v in TTA_VIEWS)}; use tta=hflip or tta=null")
+        check_tta(tta)
         if not onnx.is_file() or not described.is_file():
             raise FinetuneError(f"onnx={onnx}: pass onnx=PATH to a .onnx written by export.py, with "
                                 f"its .json beside it ({described.name} {'found' if described.is_file() else 'missing'})")
