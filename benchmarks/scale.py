@@ -17,13 +17,17 @@ workers it reaped) is its own:
     add_one       startup after one file was added (one file checked, the memo appended to)
     cache         data.cache=true: building the resized copy (images 48 -> 32 px)
     streaming     python -m finetune.optimize (LitData conversion of every split)
-    frozen        finetune=frozen (mobilenet_v2, no weights, 32 px): feature extraction for train
-                  and val and the head's first epoch of one batch; features kept in RAM as
-                  `TensorDataset`s and saved to `feature_cache/`: its size on disk is shown
+    frozen        finetune=frozen's feature extraction (mobilenet_v2, no weights, 32 px, the run's
+                  `build` and `FeatureCache`, no loader workers) for the train split, cold: its
+                  time and peak RSS over its start (`extract MiB`: only a batch is held, the rest
+                  streams to `feature_cache/`), where the features live (`disk`: memory-mapped
+                  from the entry's .npy; `memory`: a tensor in RAM), their size on disk, and the
+                  warm read of the same entry
 
 Per stage: seconds, the process's peak RSS (MiB, imports included), what the stage itself added
 (its peak over its RSS at the start, measured after resetting the peak with /proc/self/clear_refs;
-for the two CLI stages the peak over the import `baseline`), and the cost per image; growth is the
+for the CLI stage `streaming` the peak over the import `baseline`; for `frozen` the extraction's
+peak over its start), and the cost per image; growth is the
 per-image time at this N over the one at the previous N (1.0: linear; stages under 0.5 s are left
 out of the worst). The last line is the warm start-up (`startup`) per 100k images at the largest N:
 
@@ -163,14 +167,53 @@ def child(stage: str, root: Path, work: Path) -> dict:
         return _cli(["-m", "finetune.optimize", "data=folder", f"data.root={root}",
                      f"output={work / 'litdata'}", *TINY], work, t0)
     if stage == "frozen":
-        result = _cli([str(ROOT / "train.py"), "data=folder", f"data.root={root}", "finetune=frozen", *TINY,
-                       "data.augment=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
-                       "+trainer.limit_val_batches=1", "test=false", "callbacks=none", "logger=csv",
-                       "data.max_bad_fraction=1.0"], work, t0)
-        cache = work / "run" / "data" / "feature_cache"
-        result["feature_mb_on_disk"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
-        return result
+        return _frozen(root, work)
     raise SystemExit(f"unknown stage {stage}")
+
+
+def _frozen(root: Path, work: Path) -> dict:
+    """Cold feature extraction of the train split as `finetune=frozen` does it, then a warm read."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from finetune.finetuning import FeatureCache
+    from finetune.finetuning.feature_cache import MappedFeatures
+    from finetune.train import build
+
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    overrides = ["data=folder", f"data.root={root}", "finetune=frozen", *TINY, "data.augment=false",
+                 "data.num_workers=0", "data.max_bad_fraction=1.0", "callbacks=none", "logger=csv"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "finetune" / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = cfg.paths.output_dir = cfg.paths.log_dir = str(run)
+        cfg.hydra.job.num = 0
+        cfg.paths.data_dir = str(run / "data")
+    HydraConfig().set_config(cfg)
+    t0 = time.perf_counter()
+    dm, model, trainer = build(cfg)
+    trainer.strategy.connect(model)
+    dm.setup("fit")
+    setup_s = time.perf_counter() - t0
+    cache_dir = run / "data" / "feature_cache"
+    start_mb = _reset_peak()
+    t1 = time.perf_counter()
+    features = FeatureCache(model.backbone, trainer, str(cache_dir), name=model.hparams.get("name")).features(dm, "train")
+    extract_s = time.perf_counter() - t1
+    extract_mb = _status_mb("VmHWM") - start_mb
+    on_disk = isinstance(features, MappedFeatures)
+    t2 = time.perf_counter()
+    again = FeatureCache(model.backbone, trainer, str(cache_dir), name=model.hparams.get("name")).features(dm, "train")
+    warm_s = time.perf_counter() - t2
+    assert len(again) == len(features)
+    return {"stage_s": extract_s, "setup_s": setup_s, "warm_read_s": warm_s, "extract_mb": extract_mb,
+            "images": len(features), "features_on": "disk" if on_disk else "memory",
+            "feature_mb": features.tensors[0].nbytes / 2**20,
+            "feature_mb_on_disk": sum(p.stat().st_size for p in cache_dir.rglob("*") if p.is_file()) / 2**20}
 
 
 def _cli(args: list[str], work: Path, t0: float) -> dict:
@@ -184,8 +227,11 @@ def _cli(args: list[str], work: Path, t0: float) -> dict:
 # --- the table ---------------------------------------------------------------------------------
 def _net_mb(stage: str, r: dict, stages: dict) -> float:
     """What the stage added to memory: its peak over its start (in-process stages), or the CLI's
-    peak over the import baseline (streaming, frozen: their own process imports torch again)."""
-    if "peak_mb" in r and stage not in ("streaming", "frozen"):
+    peak over the import baseline (streaming: its own process imports torch again), or the
+    extraction's peak over its start (frozen: building the model is not a cost per image)."""
+    if "extract_mb" in r:
+        return max(0.0, r["extract_mb"])
+    if "peak_mb" in r and stage != "streaming":
         return max(0.0, r["peak_mb"] - r["start_mb"])
     return max(0.0, r["rss_mb"] - stages.get("baseline", {}).get("rss_mb", 0.0))
 
@@ -202,7 +248,8 @@ def table(results: dict[int, dict[str, dict]]) -> tuple[list[str], float]:
             if growth is not None and r["stage_s"] > 0.5:  # sub-second stages are noise, not growth
                 worst = max(worst, growth)
             previous[stage] = per_image
-            extra = f" ({r['feature_mb_on_disk']:.0f} MB of features on disk)" if "feature_mb_on_disk" in r else ""
+            extra = (f" (features on {r['features_on']}: {r['feature_mb']:.0f} MiB; {r['feature_mb_on_disk']:.0f} MiB "
+                     f"in feature_cache/; warm read {r['warm_read_s']:.1f} s)" if "features_on" in r else "")
             lines.append(f"| {stage}{extra} | {n} | {r['wall_s']:.1f} | {r['stage_s']:.1f} | {r['rss_mb']:.0f} | "
                          f"{per_image:.3f} | {net:.0f} | {net * 1024 / n:.2f} | "
                          f"{'-' if growth is None else f'{growth:.2f}'} |")

@@ -16,6 +16,14 @@ everything that produced it is the same, so the key covers the whole path from f
 Anything that cannot be described the same way in every process (a lambda in a transform, a data
 set with no fingerprint) means no cache for that run, said in the log: a miss costs time, a wrong
 hit costs the result.
+
+An entry is two files: `SPLIT-KEY.npy`, the features (float32, one row per image), and `SPLIT-KEY.pt`,
+the key and the labels. Features stream to a temp `.npy` one batch at a time as they are computed
+(a million images through resnet50 are 8 GB of features: they must not sit in memory) and are read
+back memory-mapped, so training reads them through the page cache. The temp file is renamed into
+place only when every row is in, and the `.pt` is written after it: a run killed part way leaves
+no `.pt`, so nothing is ever read from a half-written entry, and the next run for that key
+deletes the leftover temp file. Without a cache dir the features are computed into memory.
 """
 
 from __future__ import annotations
@@ -29,21 +37,26 @@ import re
 import tempfile
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from finetune.data.subsets import innermost
-
-if TYPE_CHECKING:
-    from finetune.data.transforms import BatchResize
+from finetune.finetuning.feature_extraction import (
+    FeatureSource,
+    FeatureWriter,
+    MappedFeatures,
+    extract_features,
+    stream_features,
+)
 
 log = logging.getLogger("finetune")
-FORMAT = 3  # bump when what an entry holds, how its key is made, or what the decoder does changes
+FORMAT = 4  # bump when what an entry holds, how its key is made, or what the decoder does changes
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -119,55 +132,6 @@ def precision_description(trainer: L.Trainer) -> str:
     plugin = trainer.precision_plugin
     precision = getattr(plugin, "precision", "?")
     return f"{type(plugin).__qualname__}({precision}) on {trainer.strategy.root_device.type}"
-
-
-class FeatureSource(Protocol):
-    """What the cache uses of a data module (`finetune.data.datamodule.ImageDataModule`'s data
-    contract): a split's images, a loader that reads them in order, and the per-batch step that
-    goes with their transform."""
-
-    def images(self, split: str) -> Dataset: ...
-
-    def ordered_loader(self, dataset: Dataset) -> DataLoader: ...
-
-    def batch_step_for(self, dataset: Dataset) -> BatchResize | None: ...
-
-    def resize_batch(self, batch: Any, step: BatchResize | None) -> Any: ...
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...  # named in the key
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module, loader: DataLoader, trainer: L.Trainer, source: FeatureSource | None = None,
-    channels_last: bool = False,
-) -> TensorDataset:
-    """Backbone outputs for every sample of `loader`, in order, as float32 on the CPU.
-
-    Batches go through the source's per-batch step for the loader's data set (`batch_step_for`,
-    what `on_after_batch_transfer` gives them in training or evaluation) and the precision plugin, and
-    into the memory format the model's `forward` uses, as they would in training (small sources
-    are resized and normalised on the device there).
-    """
-    modes = {m: m.training for m in backbone.modules()}  # per module: frozen BatchNorm is already eval
-    backbone.eval()
-    device = trainer.strategy.root_device
-    features, labels = [], []
-    step = source.batch_step_for(loader.dataset) if source is not None else None
-    try:
-        with trainer.precision_plugin.forward_context():
-            for images, targets in loader:
-                images = images.to(device)
-                if source is not None:
-                    images, targets = source.resize_batch((images, targets), step)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                features.append(backbone(images).float().cpu())
-                labels.append(torch.as_tensor(targets))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-    return TensorDataset(torch.cat(features), torch.cat(labels))
 
 
 class FeatureCache:
@@ -247,36 +211,86 @@ class FeatureCache:
             cached = self._load(path, parts, len(images), split)
             if cached is not None:
                 return cached
-            result = self._compute(source, split, images)
-            self._save(path, parts, result)
-        return result
+            return self._compute_and_save(path, parts, source, split, images)
 
     def _compute(self, source: FeatureSource, split: str, images: Dataset) -> TensorDataset:
-        # In order, with a generator of its own (`ordered_loader`): a cache miss must not draw from
-        # the global RNG, or a warm-cache run would shuffle differently from a cold one.
-        loader = source.ordered_loader(images)
-        result = extract_features(self.backbone, loader, self.trainer, source, self.channels_last)
-        log.info("feature cache: computed %s features of %d images", split, len(result))
+        """`split`'s features in memory (no cache dir, no key, or a rank that does not write)."""
+        result = extract_features(self.backbone, source.ordered_loader(images), self.trainer, source,
+                                  self.channels_last, what=f"extracting {split} features")
+        log.info("feature cache: computed %s features of %d images (in memory)", split, len(result))
         return result
 
+    @staticmethod
+    def _features_path(path: Path) -> Path:
+        return path.with_suffix(".npy")
+
     def _load(self, path: Path, parts: dict[str, str], n: int, split: str) -> TensorDataset | None:
-        """The entry at `path` if it exists and was made from exactly `parts`, for as many images."""
+        """The entry at `path` if it exists and was made from exactly `parts`, for as many images,
+        with a features file of the shape and size it recorded."""
         if not path.exists():
             return None
         entry = torch.load(path, weights_only=True)
-        if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n:
+        features = self._features_path(path)
+        if not isinstance(entry, dict) or entry.get("key") != parts or len(entry.get("labels", ())) != n \
+                or not features.exists() or features.stat().st_size != entry.get("features_bytes"):
             log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
             return None
-        log.info("feature cache: %s features of %d images from %s", split, len(entry["labels"]), path)
-        return TensorDataset(entry["features"], entry["labels"])
+        try:
+            result = MappedFeatures(features, entry["labels"])
+        except (ValueError, OSError) as error:  # not an .npy, or shorter than its header says
+            log.warning("feature cache: %s cannot be read (%s); computing %s features again", features, error, split)
+            return None
+        if tuple(result.tensors[0].shape) != tuple(entry.get("shape", ())):
+            log.warning("feature cache: %s does not match its key; computing %s features again", path, split)
+            return None
+        log.info("feature cache: %s features of %d images from %s (memory-mapped)", split, n, features)
+        return result
 
-    def _save(self, path: Path, parts: dict[str, str], result: TensorDataset) -> None:
+    def _compute_and_save(self, path: Path, parts: dict[str, str], source: FeatureSource, split: str,
+                          images: Dataset) -> TensorDataset:
+        """Features streamed to a temp `.npy` next to `path` batch by batch, renamed into place when
+        complete, then the `.pt` (key and labels) the same way: an entry is whole or absent.
+
+        Called under the entry's lock, so temp files of this entry are leftovers of a killed run.
+        """
+        for stale in path.parent.glob(f".{path.stem}.*.tmp"):
+            log.info("feature cache: removing %s, left by a run stopped while writing it", stale)
+            stale.unlink(missing_ok=True)
+        features = self._features_path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{features.name}.", suffix=".tmp")
+        n = len(images)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                writer = FeatureWriter(file, n)
+                stream_features(self.backbone, source.ordered_loader(images), self.trainer, source,
+                         self.channels_last, writer, f"extracting {split} features")
+                os.fsync(file.fileno())
+            if writer.rows != n or writer.labels is None:
+                # Files that turned unreadable since the check were dropped: the rows are fewer than
+                # the key's images, so not kept (as before: such an entry would never be accepted).
+                log.warning("feature cache: %d of %d %s images could be read; the features are not kept",
+                            writer.rows, n, split)
+                shape = (writer.rows, *(writer.shape or (0,))[1:])
+                rows = np.memmap(tmp, np.float32, "r", offset=writer.header_bytes, shape=shape) \
+                    if writer.rows else np.empty(shape, np.float32)
+                labels = writer.labels[:writer.rows] if writer.labels is not None else torch.empty(0, dtype=torch.long)
+                return TensorDataset(torch.from_numpy(np.array(rows)), labels)
+            path.unlink(missing_ok=True)  # an old entry of this key must not be paired with the new file
+            os.replace(tmp, features)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._save(path, {"key": parts, "labels": writer.labels, "shape": list(writer.shape),
+                          "features_bytes": features.stat().st_size})
+        log.info("feature cache: computed %s features of %d images to %s", split, n, features)
+        return MappedFeatures(features, writer.labels)
+
+    def _save(self, path: Path, entry: dict[str, Any]) -> None:
         """Written to a temp name in the same folder and renamed into place: never half an entry."""
-        features, labels = result.tensors
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            torch.save({"key": parts, "features": features, "labels": labels}, tmp)
+            torch.save(entry, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
