@@ -20,7 +20,7 @@ install:  ## install torch, then this project with its dev tools and packaged of
 	  echo "chromium not installed (no apt-get or not root): tests/test_serve.py skips the page test"
 
 test:  ## the whole test suite (offline, CPU only)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast:  ## skip the slow tests (DDP, sweeps, export, end-to-end runs): under 3 minutes on 2 cores
 	$(PYTHON) -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
