@@ -16,7 +16,7 @@ workers it reaped) is its own:
     startup       data=folder with a warm memo: listing, checks, val split, loaders, first batch
     add_one       startup after one file was added (one file checked, the memo appended to)
     cache         data.cache=true: building the resized copy (images 48 -> 32 px)
-    streaming     python -m finetune.optimize (LitData conversion of every split)
+    streaming     python -m finetune.cli.optimize (LitData conversion of every split)
     frozen        finetune=frozen (mobilenet_v2, no weights, 32 px): feature extraction for train
                   and val and the head's first epoch of one batch; features kept in RAM as
                   `TensorDataset`s and saved to `feature_cache/`: its size on disk is shown
@@ -160,7 +160,7 @@ def child(stage: str, root: Path, work: Path) -> dict:
         copy = dm.image_root()
         return {"copy": str(copy), "stage_s": time.perf_counter() - t1}
     if stage == "streaming":
-        return _cli(["-m", "finetune.optimize", "data=folder", f"data.root={root}",
+        return _cli(["-m", "finetune.cli.optimize", "data=folder", f"data.root={root}",
                      f"output={work / 'litdata'}", *TINY], work, t0)
     if stage == "frozen":
         result = _cli([str(ROOT / "train.py"), "data=folder", f"data.root={root}", "finetune=frozen", *TINY,

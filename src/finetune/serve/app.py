@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.errors import FinetuneError
 from finetune.runtime import user_errors_as_one_line
 from finetune.serve.models import file_sha256, load_served

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.callbacks import PredictionWriter
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.data.image_files import ImageFilesData, find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier

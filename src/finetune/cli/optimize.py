@@ -1,4 +1,4 @@
-"""`python -m finetune.optimize data=<source> output=DIR_OR_URI`: convert any data source to LitData
+"""`python -m finetune.cli.optimize data=<source> output=DIR_OR_URI`: convert any data source to LitData
 chunks once, then train from them with `data=streaming data.input_dir=DIR_OR_URI`.
 
 Every split of the source (val split off train with the source's own seed when it has none, so the
@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.jpeg import jpeg_bytes
 from finetune.data.preprocessing import decide_for

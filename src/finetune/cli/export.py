@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.data.image_files import find_files, model_inputs
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError

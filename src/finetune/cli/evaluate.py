@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.callbacks import ConfusionMatrix
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.config_checks import check_numbers
-from finetune.config_source import CONFIG_PATH
 from finetune.data.preprocessing import decide_for
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier

@@ -1,4 +1,4 @@
-"""`python -m finetune.prefetch model=resnet50 data=hotdog`: fill the caches an offline run reads.
+"""`python -m finetune.cli.prefetch model=resnet50 data=hotdog`: fill the caches an offline run reads.
 
 Run it where there is internet (a login node) with the overrides of the training run; the compute
 node then finds the weights in torch.hub's cache (timm's in Hugging Face's) and the data set under
@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import CONFIG_PATH
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
 from finetune.models.backbones import build_network
