@@ -14,18 +14,16 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from finetune.cli.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.data.image_files import find_files, model_inputs
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import FORMATS, export_model, run_exported
 from finetune.output_errors import check_writable, writing
-from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
 
@@ -155,10 +153,7 @@ def decode_step(p: Preprocessing) -> str:
             f"kept >= {max(p.resize_size, p.crop_size)}), ")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
-    export(cfg)
+main = entry_point('export', export)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from finetune.callbacks.param_counts import ParameterCounts
 from finetune.callbacks.time_budget import TimeBudget
-from finetune.cli.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.cli.lr_finder import tune_learning_rate
 from finetune.config_checks import check_input_size, check_numbers, check_options
 from finetune.data.preprocessing import decide_for
@@ -45,7 +45,6 @@ from finetune.runtime import (
     print_config_tree,
     print_metrics,
     resolve_speed_settings,
-    user_errors_as_one_line,
 )
 
 log = logging.getLogger("finetune")
@@ -267,13 +266,15 @@ def _train_or_resume(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@user_errors_as_one_line
-def hydra_main(cfg: DictConfig) -> float | None:
+def objective(cfg: DictConfig) -> float | None:
+    """Train (or resume) with every DDP rank in this one run; `optimized_metric`'s value for a sweeper."""
     with one_run_for_all_ranks():
         metrics = train_or_resume(cfg)
-    objective = cfg.get("optimized_metric")
-    return metrics.get(objective) if objective else None
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+hydra_main = entry_point("train", objective)
 
 
 def main() -> float | None:
