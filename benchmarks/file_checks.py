@@ -21,10 +21,10 @@ from pathlib import Path
 
 from _common import StepTimer, cifar_jpeg_root, product_config, scratch_dir
 
+from finetune.cli.train import build
 from finetune.data.file_checks import FileChecks
 from finetune.data.resized_cache import list_images
 from finetune.data.workers import available_cpus
-from finetune.train import build
 
 
 def time_checks(root: Path, memo: Path) -> tuple[float, float, int]:

@@ -32,8 +32,8 @@ import lightning as L
 from _common import CIFAR_TARBALL, product_config, scratch_dir
 from linear_probe import extract_subset
 
+from finetune.cli.train import build
 from finetune.data.shapes import write_image_folder
-from finetune.train import build
 
 
 def run(overrides: list[str], out_dir: Path) -> tuple[float, float, str]:

@@ -43,10 +43,10 @@ from _common import ROOT, StepTimer, product_config, scratch_dir
 from throughput import in_memory_batches
 from torch.utils.data import DataLoader
 
+from finetune.cli.train import build
 from finetune.data.shapes import write_image_folder
 from finetune.hardware import compile_problem
-from finetune.resume import METRICS
-from finetune.train import build
+from finetune.run.resume import METRICS
 
 SUMMARY_HEADER = "== summary =="
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 from _common import product_config
 
-from finetune.train import build
+from finetune.cli.train import build
 
 VIEWS_OFF = ["callbacks.prediction_grid=null", "callbacks.confusion_matrix=null", "callbacks.top_losses=null"]
 

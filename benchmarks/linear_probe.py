@@ -27,7 +27,7 @@ from pathlib import Path
 
 from _common import product_config
 
-from finetune.train import train
+from finetune.cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from _common import product_config, scratch_dir
 from torch.utils.data import DataLoader
 
-from finetune.train import build
+from finetune.cli.train import build
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -5,7 +5,7 @@
     python benchmarks/recipes.py --scale 900 4500     # both; the last line is the largest scale's
     python benchmarks/recipes.py --scale smoke        # seconds: generated shapes or 4+2 photos per class
 
-Every recipe runs the product (`finetune.train.train`: fit, then test the checkpoint chosen by
+Every recipe runs the product (`finetune.cli.train.train`: fit, then test the checkpoint chosen by
 val/acc) on the same train/val/test split, the same packaged ImageNet EfficientNet-Lite0, seed and
 resolution. Only the strategy and its regularisation differ.
 
@@ -39,9 +39,9 @@ from hydra.core.global_hydra import GlobalHydra
 from linear_probe import extract_subset
 from omegaconf import open_dict
 
+from finetune.cli.evaluate import evaluate
+from finetune.cli.train import train
 from finetune.data.shapes import write_image_folder
-from finetune.evaluate import evaluate
-from finetune.train import train
 
 SCALES = {  # photos per class: (train + validation pool, test), and validation photos in all
     "smoke": (4, 2, 8),

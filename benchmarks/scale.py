@@ -16,7 +16,7 @@ workers it reaped) is its own:
     startup       data=folder with a warm memo: listing, checks, val split, loaders, first batch
     add_one       startup after one file was added (one file checked, the memo appended to)
     cache         data.cache=true: building the resized copy (images 48 -> 32 px)
-    streaming     python -m finetune.optimize (LitData conversion of every split)
+    streaming     python -m finetune.cli.optimize (LitData conversion of every split)
     frozen        finetune=frozen's feature extraction (mobilenet_v2, no weights, 32 px, the run's
                   `build` and `FeatureCache`, no loader workers) for the train split, cold: its
                   time and peak RSS over its start (`extract MiB`: only a batch is held, the rest
@@ -164,7 +164,7 @@ def child(stage: str, root: Path, work: Path) -> dict:
         copy = dm.image_root()
         return {"copy": str(copy), "stage_s": time.perf_counter() - t1}
     if stage == "streaming":
-        return _cli(["-m", "finetune.optimize", "data=folder", f"data.root={root}",
+        return _cli(["-m", "finetune.cli.optimize", "data=folder", f"data.root={root}",
                      f"output={work / 'litdata'}", *TINY], work, t0)
     if stage == "frozen":
         return _frozen(root, work)
@@ -178,9 +178,9 @@ def _frozen(root: Path, work: Path) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from finetune.cli.train import build
     from finetune.finetuning import FeatureCache
     from finetune.finetuning.feature_cache import MappedFeatures
-    from finetune.train import build
 
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)

@@ -2,7 +2,7 @@
 
     folder     the image folder itself (data=folder: decode each 500x375 JPEG, then the transforms)
     cache      the resized copy data.cache=true keeps (JPEGs shrunk to the resize size)
-    streaming  LitData chunks on local disk (`python -m finetune.optimize`, then data=streaming)
+    streaming  LitData chunks on local disk (`python -m finetune.cli.optimize`, then data=streaming)
 
 Photos the size of the hot-dog set's: CIFAR-10 photos (the copy in ../shared) upscaled to 500x375
 and saved as JPEG quality 90. One process and the product's default worker count; each arm's loader
@@ -28,12 +28,12 @@ from pathlib import Path
 from _common import CIFAR_TARBALL, product_config, scratch_dir
 from PIL import Image
 
+from finetune.cli.optimize import convert
 from finetune.data.folder import FolderDataModule
 from finetune.data.preprocessing import decide_for
 from finetune.data.streaming import StreamingDataModule
 from finetune.data.transforms import Preprocessing
 from finetune.data.workers import default_num_workers
-from finetune.optimize import convert
 
 SIZE = (500, 375)  # the hot-dog photos' typical size
 PREPROCESSING = Preprocessing()  # ResNet's: crop 224, resize 256

@@ -34,11 +34,11 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 
+from finetune.cli.train import build
 from finetune.data.folder import load_rgb
 from finetune.data.shapes import write_image_folder
 from finetune.data.transforms import Preprocessing, train_transform
 from finetune.data.workers import default_num_workers
-from finetune.train import build
 
 SEED_TRANSFORM = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 

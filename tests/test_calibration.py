@@ -19,13 +19,13 @@ from finetune.callbacks.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from finetune.cli.export import export
+from finetune.cli.predict import predict
+from finetune.cli.train import build, train
 from finetune.data.image_files import find_files, model_inputs
 from finetune.errors import FinetuneError
-from finetune.export import export
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import run_exported
-from finetune.predict import predict
-from finetune.train import build, train
 
 RUN = ["model.weights=null", "callbacks.rich_progress_bar=null", "callbacks.prediction_grid=null",
        "data.num_workers=0", "data.image_size=32", "data.resize_size=32", "data.batch_size=16",
@@ -185,7 +185,7 @@ def test_predict_tta_hflip_averages_the_logits_of_both_views(run, tmp_path, shap
 
 
 def test_eval_tta_hflip_tests_on_both_views(run, tmp_path, shapes_folder):
-    from finetune.evaluate import evaluate
+    from finetune.cli.evaluate import evaluate
     best = best_of(run[0])
     data = ["data=folder", f"data.root={shapes_folder}", "data.num_workers=0", "trainer.precision=32-true"]
     plain = evaluate(compose_train([f"ckpt_path={best}", "logger=[]", *data], tmp_path / "plain", config_name="eval"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import compose_train, run_cli
+from finetune.cli.train import train
 from finetune.errors import FinetuneError, find_user_error
 from finetune.models import ImageClassifier
 from finetune.models.checkpoint import HINT, load_classifier
-from finetune.train import train
 
 SMALL = ["model.weights=null", "callbacks.rich_progress_bar=null", "data.num_workers=0",
          "data.image_size=32", "data.resize_size=32", "data.batch_size=16", "trainer.precision=32-true",

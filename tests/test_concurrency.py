@@ -187,4 +187,4 @@ def test_a_checkpoint_write_killed_midway_keeps_the_previous_last_ckpt(tmp_path)
 @pytest.mark.parametrize("trainer", sorted(p.stem for p in (ROOT / "conf" / "trainer").glob("*.yaml")))
 def test_every_trainer_config_saves_checkpoints_atomically(make_cfg, trainer):
     plugins = make_cfg([f"trainer={trainer}"]).trainer.get("plugins") or []
-    assert "finetune.checkpoint_io.AtomicCheckpointIO" in [p.get("_target_") for p in plugins]
+    assert "finetune.run.checkpoint_io.AtomicCheckpointIO" in [p.get("_target_") for p in plugins]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-import finetune.train
+import finetune.cli.train
 from fake_data import make_cifar10, make_hotdog_tree, patch_cifar10
+from finetune.cli.train import train
 from finetune.data.shapes import CLASSES as SHAPES
-from finetune.train import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -126,8 +126,8 @@ def test_every_experiment_runs_with_fast_dev_run(make_cfg, experiment, shapes_fo
         built["before"] = copy.deepcopy(parts[1].state_dict())
         return parts
 
-    real_build = finetune.train.build
-    monkeypatch.setattr(finetune.train, "build", recording_build)
+    real_build = finetune.cli.train.build
+    monkeypatch.setattr(finetune.cli.train, "build", recording_build)
     metrics = train(cfg)
     model, trainer = built["model"], built["trainer"]
 

@@ -14,12 +14,12 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from conftest import compose_train
+from finetune.cli.optimize import EncodeImages, convert
 from finetune.data.folder import FolderDataModule
 from finetune.data.preprocessing import decide_for
 from finetune.data.resized_cache import shrink
 from finetune.data.shapes import ShapesDataModule, draw_shape, write_image_folder
 from finetune.data.transforms import Preprocessing
-from finetune.optimize import EncodeImages, convert
 
 SMALL = ["model.weights=null", "data.image_size=32", "data.resize_size=32", "data.num_workers=0"]
 
@@ -79,7 +79,7 @@ def test_splits_are_read_only_outside_use_stand_in():
 
 @pytest.mark.parametrize("draft", [True, False])
 def test_the_resized_copy_and_the_converted_chunks_hold_the_same_bytes(tmp_path, draft):
-    """One image, shrunk by `data.cache`'s copy and by `python -m finetune.optimize`: the same JPEG."""
+    """One image, shrunk by `data.cache`'s copy and by `python -m finetune.cli.optimize`: the same JPEG."""
     root = tmp_path / "f"
     for split, label in (("train", 0), ("train", 1), ("test", 0), ("test", 1)):
         folder = root / split / f"c{label}"

@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import compose_train
+from finetune.cli.export import check_batch, export
+from finetune.cli.predict import predict
+from finetune.cli.train import train
 from finetune.data import FolderDataModule
 from finetune.data.decode import decoder
 from finetune.data.folder import largest_side
@@ -19,10 +22,7 @@ from finetune.data.image_files import find_files, model_inputs
 from finetune.data.preprocessing import decide_for
 from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import Preprocessing, eval_transform
-from finetune.export import check_batch, export
 from finetune.models.checkpoint import load_classifier
-from finetune.predict import predict
-from finetune.train import train
 
 SIDE = 32  # crop and resize size; the photos are 4x that, so draft mode decodes them at 1/4 scale
 P = Preprocessing(crop_size=SIDE, resize_size=SIDE)

@@ -17,10 +17,10 @@ import torch
 from torchvision.transforms import v2
 
 from conftest import compose_train
+from finetune.cli.train import build, train
 from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.finetuning import FeatureCache
-from finetune.train import build, train
 
 SIZE = 32  # crop size of the base run: twice the 16-pixel source, so batches are upsampled
 

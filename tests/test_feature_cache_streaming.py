@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import compose_train
+from finetune.cli.train import build
 from finetune.data.shapes import write_image_folder
 from finetune.finetuning import FeatureCache
 from finetune.finetuning.feature_cache import MappedFeatures, extract_features
-from finetune.train import build
 from test_feature_cache import tiny_run
 
 BATCH = 4  # the eval batch: ~10 batches for the 36-image train split
@@ -133,7 +133,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import compose_train
 from finetune.finetuning import FeatureCache
-from finetune.train import build
+from finetune.cli.train import build
 from test_feature_cache import tiny_run
 
 tmp = Path({tmp!r})

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from finetune.train import train
+from finetune.cli.train import train
 
 SMALL = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
          "data.native_size=32", "data.image_size=32", "data.resize_size=32", "data.num_workers=0",

@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from finetune.cli.train import build, train
 from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.data.transforms import eval_transform
 from finetune.finetuning import FeatureCache
-from finetune.train import build, train
 
 TINY = [
     "data=shapes", "data.train_size=96", "data.val_size=32", "data.test_size=32",

@@ -17,10 +17,10 @@ from PIL import Image
 from torch import nn
 
 from finetune import hardware
+from finetune.cli.train import train
 from finetune.errors import FinetuneError
 from finetune.models import ImageClassifier
 from finetune.runtime import resolve_speed_settings
-from finetune.train import train
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):

@@ -15,10 +15,10 @@ import hydra
 import lightning as L
 
 from conftest import compose_train
+from finetune.cli.predict import predict
+from finetune.cli.train import build
 from finetune.data.file_walk import printable, unprintable
 from finetune.data.shapes import write_image_folder
-from finetune.predict import predict
-from finetune.train import build
 
 SMALL = ["data=folder", "model.weights=null", "data.num_workers=0", "data.image_size=32",
          "data.resize_size=32", "data.batch_size=8", "data.max_bad_fraction=1.0"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.cli.train import train
 from finetune.data import FolderDataModule
 from finetune.data.folder import load_rgb
 from finetune.data.resized_cache import resized_copy
 from finetune.data.transforms import eval_transform
 from finetune.data.workers import default_num_workers
-from finetune.train import train
 
 
 def photo(path, size=(500, 375), seed=0):

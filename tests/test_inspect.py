@@ -21,12 +21,12 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import compose_train, run_cli
 from finetune.callbacks import TopLosses
 from finetune.callbacks.grid import grid_size
+from finetune.cli.evaluate import evaluate
+from finetune.cli.export import export
+from finetune.cli.predict import predict
+from finetune.cli.train import train
 from finetune.errors import FinetuneError
-from finetune.evaluate import evaluate
-from finetune.export import export
 from finetune.models.checkpoint import load_classifier
-from finetune.predict import predict
-from finetune.train import train
 
 CLASSES = ["circle", "cross", "square", "triangle"]
 EPOCHS = 5

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from finetune.train import build, train
+from finetune.cli.train import build, train
 from test_finetuning import TINY, Snapshots, changed, snapshot
 
 LP_FT = TINY + ["finetune=lp_ft", "finetune.callback.lp_epochs=2", "finetune.callback.ft_lr_mult=0.1",

@@ -229,14 +229,14 @@ def test_timm_pretrained_tags_are_checked_and_a_missing_download_is_one_line(tmp
         create_backbone("tf_efficientnet_lite0", "DEFAULT")
     message = str(info.value)
     assert "huggingface.co/timm/tf_efficientnet_lite0.in1k" in message
-    assert "finetune.prefetch" in message and "\n" not in message
+    assert "finetune.cli.prefetch" in message and "\n" not in message
 
 
 # --- the README's offline recipe, really run -----------------------------------------------------------
 @needs_efficientnet
 def test_offline_transfer_experiment_trains_a_head_on_packaged_features(make_cfg, tmp_path):
+    from finetune.cli.train import train
     from finetune.data.shapes import write_image_folder
-    from finetune.train import train
 
     root = write_image_folder(tmp_path / "folder", {"train": 40, "test": 10}, size=64)
     cfg = make_cfg(["experiment=offline_transfer", f"data.root={root}", "data.image_size=64",

@@ -9,10 +9,10 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
+from finetune.cli.train import build
 from finetune.data.preprocessing import decide_preprocessing
 from finetune.data.transforms import Preprocessing
 from finetune.models import weights as weights_lib
-from finetune.train import build
 
 TINY = ["data=shapes", "data.train_size=16", "data.val_size=8", "data.test_size=8", "data.num_workers=0",
         "data.batch_size=8", "model.weights=null", "trainer.max_epochs=1", "finetune=frozen",

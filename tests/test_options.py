@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli
+from finetune.cli.train import train
 from finetune.config_checks import check_numbers
 from finetune.errors import FinetuneError
-from finetune.train import train
 
 TINY = ["data=shapes", "data.train_size=16", "data.val_size=8", "data.test_size=8", "data.native_size=32",
         "data.image_size=32", "data.resize_size=32", "data.batch_size=8", "model.name=timm:test_resnet",

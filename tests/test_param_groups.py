@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import nn
 from torchvision.models import VisionTransformer
 
+from finetune.cli.train import build
 from finetune.finetuning.param_groups import NO_DECAY, check_partition, param_groups
 from finetune.models import ImageClassifier
-from finetune.train import build
 
 WD = 0.05
 TINY = [

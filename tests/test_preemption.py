@@ -18,7 +18,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, run_cli
-from finetune.resume import prepare_argv
+from finetune.run.resume import prepare_argv
 
 # 32 train images in batches of 8: 4 steps an epoch, each logged (train/loss_step, lr-*).
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16",
@@ -222,7 +222,7 @@ def test_prepare_argv_replays_a_run_dirs_overrides_under_the_command_lines(tmp_p
     ({}, None),
 ])
 def test_a_slurm_batch_job_runs_in_a_dir_named_after_the_job(environ, run_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a known run dir is locked (finetune.run_lock): "mine" goes here
+    monkeypatch.chdir(tmp_path)  # a known run dir is locked (finetune.run.run_lock): "mine" goes here
     argv = prepare_argv(["train.py", "seed=1"], environ=environ)
     assert argv == ["train.py", "seed=1"] + ([f"hydra.run.dir={run_dir}"] if run_dir else [])
     assert prepare_argv(["train.py", "hydra.run.dir=mine"], environ=environ) == ["train.py", "hydra.run.dir=mine"]

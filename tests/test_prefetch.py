@@ -1,4 +1,4 @@
-"""`python -m finetune.prefetch` against a server on 127.0.0.1: what it fetches, an offline run
+"""`python -m finetune.cli.prefetch` against a server on 127.0.0.1: what it fetches, an offline run
 reads; what it cannot reach, it names."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 import torchvision
 
 from fake_data import make_hotdog_tree
+from finetune.cli.prefetch import prefetch
 from finetune.data.hotdog import HotdogDataModule
 from finetune.models import create_backbone
-from finetune.prefetch import prefetch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_offline_prefetch_names_every_url_it_could_not_reach(http_server, tmp_pa
     _, base = http_server  # serves an empty folder: every file is a 404
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.prefetch", "data=hotdog", f"data.url={base}/hotdog.zip",
+        [sys.executable, "-m", "finetune.cli.prefetch", "data=hotdog", f"data.url={base}/hotdog.zip",
          "model=resnet18", f"model.weights={base}/missing.pth", f"paths.data_dir={tmp_path / 'data'}",
          f"hydra.run.dir={tmp_path / 'run'}"],
         check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from finetune.cli.train import build, train
 from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import ShapesDataModule
 from finetune.errors import FinetuneError
 from finetune.models import ImageClassifier
-from finetune.train import build, train
 
 SMALL = ["model.weights=null", "callbacks.rich_progress_bar=null", "data.num_workers=0", "logger=csv",
          "data.train_size=64", "data.val_size=32", "data.test_size=32", "data.batch_size=16",

@@ -145,7 +145,7 @@ def _trained_lrs(ckpt_path: Path) -> tuple[float, list[float]]:
 def test_tune_lr_is_not_rerun_on_resume_and_says_so(make_cfg, tmp_path, capsys, caplog):
     """The resumed optimizer keeps the rate it was restored with; a second search would only claim
     to apply its suggestion (and write it into the checkpoints' hparams) while training at the old one."""
-    from finetune.train import train
+    from finetune.cli.train import train
 
     fast = [o for o in TINY if not o.startswith(("trainer.max_epochs", "callbacks.last_checkpoint"))]
     common = [*fast, "test=false", "tune_lr=true", "lr_finder.num_training=20",

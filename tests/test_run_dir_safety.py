@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from finetune.errors import FinetuneError
-from finetune.resume import prepare_argv
+from finetune.run.resume import prepare_argv
 
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.native_size=32",
         "data.image_size=32", "data.resize_size=32", "data.batch_size=8", "model.name=timm:test_resnet",
@@ -200,7 +200,7 @@ def test_a_second_process_in_a_run_dir_refuses_and_a_killed_ones_lock_is_gone(tm
 
 
 def test_a_damaged_checkpoint_given_as_ckpt_path_is_one_line_before_training(make_cfg, tmp_path):
-    from finetune.train import train
+    from finetune.cli.train import train
 
     bad = tmp_path / "given.ckpt"
     bad.write_bytes(b"PK\x03\x04 the first bytes of a zip, then nothing")

@@ -16,8 +16,8 @@ import yaml
 
 from conftest import run_cli
 from finetune.data.preprocessing import decide_for
-from finetune.distributed import one_job_argv
 from finetune.models import ImageClassifier
+from finetune.run.distributed import one_job_argv
 
 # 64/32/33 images of 32px; 33 test images do not split evenly over 2 ranks.
 TINY = ["data=shapes", "data.train_size=64", "data.val_size=32", "data.test_size=33",

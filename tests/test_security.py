@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from finetune.checkpoint_io import AtomicCheckpointIO
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
+from finetune.run.checkpoint_io import AtomicCheckpointIO
 
 TINY = ["data=shapes", "data.train_size=32", "data.val_size=16", "data.test_size=16", "data.native_size=32",
         "data.image_size=32", "data.resize_size=32", "data.batch_size=8", "model.name=timm:test_resnet",

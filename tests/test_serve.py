@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_train
+from finetune.cli.export import export
+from finetune.cli.predict import predict
+from finetune.cli.train import train
 from finetune.data.image_files import find_files
-from finetune.export import export
 from finetune.models.checkpoint import load_classifier
-from finetune.predict import predict
 from finetune.serve.app import exposure_warning
-from finetune.train import train
 from serve_helpers import post_image, request, served
 from test_decoding import photo
 

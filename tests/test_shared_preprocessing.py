@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import compose_train
+from finetune.cli.export import check_batch
+from finetune.cli.predict import predict
+from finetune.cli.train import train
 from finetune.data import FolderDataModule
 from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
-from finetune.export import check_batch
 from finetune.models.checkpoint import load_classifier
-from finetune.predict import predict
-from finetune.train import train
 
 
 @pytest.fixture(scope="module")

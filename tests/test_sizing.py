@@ -15,10 +15,10 @@ import lightning as L
 import pytest
 
 from conftest import compose_train
+from finetune.cli.train import build, train
 from finetune.data.shapes import write_image_folder
 from finetune.errors import FinetuneError
 from finetune.finetuning.sizing import Rule, plan_recipe
-from finetune.train import build, train
 
 EVAL = 48
 

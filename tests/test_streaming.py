@@ -1,4 +1,4 @@
-"""LitData streaming: `python -m finetune.optimize` converts any source, `data=streaming` trains from
+"""LitData streaming: `python -m finetune.cli.optimize` converts any source, `data=streaming` trains from
 the chunks in a local folder or on an S3 API (moto's server on 127.0.0.1), under DDP and resumed."""
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from PIL import Image
 
 from conftest import ROOT, compose_train, run_cli
 from fake_data import make_cifar10, make_hotdog_tree, patch_cifar10
+from finetune.cli.optimize import convert, source_splits
+from finetune.cli.train import build, train
 from finetune.data.preprocessing import decide_for
 from finetune.data.shapes import write_image_folder
 from finetune.data.streaming import StreamingDataModule, StreamingSplit
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
-from finetune.optimize import convert, source_splits
-from finetune.train import build, train
 
 SMALL = ["model.weights=null", "data.image_size=32", "data.resize_size=32", "data.num_workers=0"]
 TRAIN = [*SMALL, "data.batch_size=8", "trainer.max_epochs=1", "trainer.precision=32-true", "logger=csv",
@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 
 def _convert(overrides: list[str], output: str | Path, work: Path) -> dict:
-    """`python -m finetune.optimize OVERRIDES output=...`, in this process (one worker: in order)."""
+    """`python -m finetune.cli.optimize OVERRIDES output=...`, in this process (one worker: in order)."""
     cfg = compose_train(overrides, work, config_name="optimize")
     return convert(cfg.data, cfg.model.name, cfg.model.weights, str(output), num_workers=1)
 
@@ -172,9 +172,9 @@ def test_training_from_s3_gives_the_metrics_of_the_local_folder(converted, folde
 def test_a_missing_bucket_or_data_set_is_one_line_naming_the_uri(aws_env, tmp_path):
     with pytest.raises(FinetuneError, match=r"s3://no-such-bucket/set.*does not exist"):
         StreamingDataModule("s3://no-such-bucket/set").prepare_data()
-    with pytest.raises(FinetuneError, match=rf"s3://{BUCKET}/never-converted.*finetune.optimize"):
+    with pytest.raises(FinetuneError, match=rf"s3://{BUCKET}/never-converted.*finetune.cli.optimize"):
         StreamingDataModule(f"s3://{BUCKET}/never-converted").prepare_data()
-    with pytest.raises(FinetuneError, match=rf"{tmp_path}.*finetune.optimize"):
+    with pytest.raises(FinetuneError, match=rf"{tmp_path}.*finetune.cli.optimize"):
         StreamingDataModule(str(tmp_path)).prepare_data()
 
 
@@ -310,4 +310,4 @@ def test_a_damaged_index_is_one_line_naming_it_and_the_rebuild_command(damage, c
         train(compose_train(_streaming(copy, "test=false"), tmp_path / "run"))
     message = str(info.value)
     assert "\n" not in message and f"{index} is damaged" in message
-    assert f"python -m finetune.optimize data=<source> output={copy}" in message
+    assert f"python -m finetune.cli.optimize data=<source> output={copy}" in message

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_cli
+from finetune.cli.train import build, train
 from finetune.data.shapes import write_image_folder
-from finetune.train import build, train
 
 SMALL = ["model.weights=null", "callbacks.rich_progress_bar=null", "data.num_workers=0",
          "data.image_size=32", "data.resize_size=32"]

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import compose_train
+from finetune.cli.train import build, train
 from finetune.data.shapes import write_image_folder
 from finetune.data.transforms import Preprocessing, eval_pipeline
 from finetune.errors import FinetuneError
 from finetune.finetuning import FeatureCache
 from finetune.models.checkpoint import load_classifier
-from finetune.train import build, train
 
 EVAL = 48
 

@@ -10,7 +10,7 @@ import torchvision
 
 from conftest import compose_train
 from finetune.callbacks.time_budget import TimeBudget
-from finetune.train import build
+from finetune.cli.train import build
 from test_finetuning import TINY, changed, snapshot
 from test_lp_ft import LP_FT, BatchKinds
 from test_streaming import _streaming, converted, folder  # noqa: F401 (fixtures)

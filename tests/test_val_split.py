@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import finetune.train
+import finetune.cli.train
 from fake_data import make_cifar10, patch_cifar10
+from finetune.cli.train import train
 from finetune.data.cifar10 import CIFAR10DataModule
 from finetune.data.shapes import write_image_folder
 from finetune.errors import FinetuneError
-from finetune.train import train
 
 SMALL = ["model.weights=null", "callbacks.rich_progress_bar=null", "callbacks.prediction_grid=null",
          "data.num_workers=0", "data.image_size=32", "data.resize_size=32", "data.batch_size=16",
@@ -30,8 +30,8 @@ def _names(subset) -> list[str]:
 def test_a_resumed_run_validates_on_its_stored_files_whatever_changed_in_train(make_cfg, tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "data", {"train": 8, "test": 2}, size=32)  # 32 train files
     built = []
-    real_build = finetune.train.build
-    monkeypatch.setattr(finetune.train, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    real_build = finetune.cli.train.build
+    monkeypatch.setattr(finetune.cli.train, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     common = ["data=folder", f"data.root={root}", *SMALL]
     train(make_cfg([*common, "trainer.max_epochs=1"]))
     datasets = built[-1][0].datasets

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 # The metrics column, in this order; one a run never logs (test=false) stays empty, not 0.
-FIT_TIME = "time/fit_s"  # seconds in trainer.fit, logged by finetune.train
+FIT_TIME = "time/fit_s"  # seconds in trainer.fit, logged by finetune.cli.train
 METRICS = ("val/acc_best", "test/acc", "test/loss", "test/ece", FIT_TIME)
 
 # Column name -> config key, for the settings every run has.

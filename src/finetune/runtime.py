@@ -21,10 +21,10 @@ from rich.table import Table
 from rich.tree import Tree
 from torch.nn import Module
 
-from finetune.distributed import is_global_zero
 from finetune.errors import FinetuneError, find_user_error
 from finetune.hardware import resolve_precision, reuse_freed_memory
 from finetune.hparams_view import METRICS, log_hparams, select_hparams
+from finetune.run.distributed import is_global_zero
 
 log = logging.getLogger("finetune")
 
@@ -80,7 +80,7 @@ def resolve_speed_settings(cfg: DictConfig, model: Any | None = None) -> SpeedSe
 
 
 def instantiate_loggers(section: DictConfig | None, purge_step: int | None = None) -> list[Logger]:
-    """The `logger` group's loggers; `purge_step` (a resumed run, finetune.train.tensorboard_purge_step)
+    """The `logger` group's loggers; `purge_step` (a resumed run, finetune.cli.train.tensorboard_purge_step)
     goes to each TensorBoardLogger, which hides the steps the stopped run logged after its checkpoint."""
     if not section:
         return []

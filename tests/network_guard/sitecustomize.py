@@ -1,5 +1,5 @@
 """The tests' network guard, for the Python processes a test starts (train.py via `run_cli`,
-`python -m finetune.prefetch`, DataLoader and DDP workers that spawn).
+`python -m finetune.cli.prefetch`, DataLoader and DDP workers that spawn).
 
 tests/conftest.py puts this folder on PYTHONPATH, so every child interpreter imports this module
 at startup and gets the same rule pytest-socket applies in the test process: connections to

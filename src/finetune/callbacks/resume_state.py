@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import _set_rng_states
 
-from finetune import rng_states
+from finetune.run import rng_states
 
 log = logging.getLogger("finetune")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
-from finetune.cache_lock import entry_lock
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
+from finetune.run.cache_lock import entry_lock
 
 # Known before download, so the model's head can be sized without touching the network.
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -35,7 +35,7 @@ class CIFAR10DataModule(ImageDataModule):
             raise FinetuneError(
                 f"could not download CIFAR-10 ({getattr(e, 'reason', e)}); put "
                 f"cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ in {self.root} "
-                "(data.root=DIR), or run `python -m finetune.prefetch data=cifar10` with internet"
+                "(data.root=DIR), or run `python -m finetune.cli.prefetch data=cifar10` with internet"
             ) from None
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
             raise FinetuneError(

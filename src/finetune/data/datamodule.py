@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.data import loaders, val_split
 from finetune.data.device_resize import SplitTransforms, split_transforms
-from finetune.data.file_checks import SkipReport, collate_readable
 from finetune.data.mixing import batch_mix, check_alpha, mix_training_batch
+from finetune.data.skipping import SkipReport, collate_readable
 from finetune.data.split_checks import check_enough_for_each_rank, check_readable
 from finetune.data.subsets import drop_late_failures
 from finetune.data.transforms import BatchResize, Preprocessing, auto_augment_step
@@ -241,7 +241,7 @@ class ImageDataModule(L.LightningDataModule):
     # --- batches -----------------------------------------------------------------------------
     @staticmethod
     def collate(batch: list) -> Any:
-        """Batches of the samples that could be read (see `finetune.data.file_checks`)."""
+        """Batches of the samples that could be read (see `finetune.data.skipping`)."""
         return collate_readable(batch)
 
     def batch_step_for(self, dataset: Dataset) -> BatchResize | None:

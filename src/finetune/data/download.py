@@ -3,7 +3,7 @@
 torchvision's helpers check MD5 only and silently rewrite `../` members; the hot-dog archive is
 published with a SHA-1, and a hostile member (a name that escapes, a symlink) should be refused,
 not rewritten. Downloads hold
-the file's lock (`finetune.cache_lock`): jobs of a sweep fetching the same file fetch it once.
+the file's lock (`finetune.run.cache_lock`): jobs of a sweep fetching the same file fetch it once.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.errors import FinetuneError
+from finetune.run.cache_lock import entry_lock, remove_leftovers
 
 TIMEOUT_S = 30
 
@@ -64,7 +64,7 @@ def _fetch(url: str, dest: Path, sha1: str | None) -> Path:
         reason = getattr(e, "reason", e)
         raise FinetuneError(
             f"could not download {url} ({reason}); download it by hand to {dest} "
-            "or run `python -m finetune.prefetch` on a machine with internet"
+            "or run `python -m finetune.cli.prefetch` on a machine with internet"
         ) from None
     finally:
         tmp.unlink(missing_ok=True)

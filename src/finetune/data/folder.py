@@ -17,9 +17,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.decode import decoder, load_rgb  # noqa: F401  (load_rgb: its former home)
-from finetune.data.file_checks import FILE_ERRORS, FileChecks, SkippingImageFolder
+from finetune.data.file_checks import FILE_ERRORS, FileChecks
 from finetune.data.file_walk import iter_files, list_images, open_regular
 from finetune.data.resized_cache import resized_copy
+from finetune.data.skipping import SkippingImageFolder
 from finetune.data.transforms import Preprocessing, upsample_on_device
 from finetune.data.workers import available_cpus
 from finetune.errors import FinetuneError

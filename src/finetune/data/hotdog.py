@@ -7,10 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.data.download import download, safe_extract_zip
 from finetune.data.folder import FolderDataModule, check_tree
 from finetune.errors import FinetuneError
+from finetune.run.cache_lock import entry_lock, remove_leftovers
 
 URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"

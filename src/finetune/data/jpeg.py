@@ -1,5 +1,5 @@
 """How an image is shrunk to the size training reads and stored as JPEG: one way, for the resized
-copy of a folder (`finetune.data.resized_cache`) and the converted chunks of `finetune.optimize`,
+copy of a folder (`finetune.data.resized_cache`) and the converted chunks of `finetune.cli.optimize`,
 so both hold the same pixels for the same image.
 """
 

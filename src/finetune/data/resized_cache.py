@@ -27,12 +27,12 @@ except ImportError:  # Windows: stale copies are kept
     fcntl = None
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.cache_lock import LOCK_SUFFIX, entry_lock, remove_leftovers
 from finetune.data.decode import load_rgb
 from finetune.data.file_checks import FILE_ERRORS, unreadable_reason
 from finetune.data.file_walk import list_images, open_regular
 from finetune.data.jpeg import save_jpeg, shrunk
 from finetune.data.progress import Progress
+from finetune.run.cache_lock import LOCK_SUFFIX, entry_lock, remove_leftovers
 
 log = logging.getLogger("finetune")
 VERSION = 4  # bump when the way copies are made changes (2: the shared decoder; 3: names kept; 4: 4:4:4 JPEG)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from finetune import rng_states
+from finetune.run import rng_states
 
 _GENERATOR = "finetune_generator"
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from torch.utils.data import Dataset
 
-from finetune.data.file_checks import SkipReport
+from finetune.data.skipping import SkipReport
 from finetune.data.subsets import innermost
 from finetune.errors import FinetuneError
 
@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 def check_readable(datasets: Mapping[str, Dataset], report: SkipReport, max_bad_fraction: float,
                    rank_zero: bool) -> None:
     """Report the files each split left out as unreadable (sources that read files mark them as
-    `skipped`, see `finetune.data.file_checks`), then refuse a split that lost more than
+    `skipped`, see `finetune.data.skipping`), then refuse a split that lost more than
     `max_bad_fraction` of its files or has nothing left."""
     reported = set()
     for split, dataset in datasets.items():

@@ -2,7 +2,7 @@
 
 Credentials and endpoint come from the usual AWS environment variables (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...). Every storage failure is one `FinetuneError` line
-naming the URI and the fix. Used by `data=streaming` (reading) and `python -m finetune.optimize`
+naming the URI and the fix. Used by `data=streaming` (reading) and `python -m finetune.cli.optimize`
 (writing); LitData moves the chunks itself, with the patch of `allow_plain_http_endpoint`.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from finetune.errors import FinetuneError
 
 # The command that writes a converted data set (named by errors about a missing one).
-CONVERT = "python -m finetune.optimize data=<source> output={uri}"
+CONVERT = "python -m finetune.cli.optimize data=<source> output={uri}"
 
 
 def is_remote(uri: str) -> bool:

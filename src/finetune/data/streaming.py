@@ -1,4 +1,4 @@
-"""`data=streaming`: train from the LitData chunks `python -m finetune.optimize` wrote, in a local
+"""`data=streaming`: train from the LitData chunks `python -m finetune.cli.optimize` wrote, in a local
 folder or under an `s3://` URI (how either is read: `finetune.data.storage`).
 
 A converted data set is DIR/{train,val,test}/ (each a LitData dataset: index.json and chunks of
@@ -154,7 +154,7 @@ class ResumableStreamingLoader(StreamingDataLoader):
 
 
 class StreamingDataModule(ImageDataModule):
-    """Images from a data set converted by `python -m finetune.optimize`: the source's classes and
+    """Images from a data set converted by `python -m finetune.cli.optimize`: the source's classes and
     preprocessing (its explicit data.* settings, on top of the model's, `source_preprocessing`),
     then this config's."""
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from finetune.errors import FinetuneError
-from finetune.safe_checkpoint import load_checkpoint
+from finetune.run.safe_checkpoint import load_checkpoint
 
 log = logging.getLogger("finetune")
 VERSION = 1

@@ -3,7 +3,7 @@
 The checkpoint's hyperparameters already hold the architecture, class names and preprocessing;
 `weights=None` stops the backbone factory from fetching ImageNet weights that the checkpoint's own
 state dict replaces anyway, so reloading works offline. Files are read with torch's weights-only
-unpickler (finetune.safe_checkpoint): a checkpoint that would run code is refused.
+unpickler (finetune.run.safe_checkpoint): a checkpoint that would run code is refused.
 
 Only "this file is not one of our checkpoints" is a user error. The file is checked on its own
 first (`read_checkpoint`: a narrow `try` around `torch.load` and nothing else, then a look at its
@@ -20,7 +20,7 @@ from typing import Any
 
 from finetune.errors import FinetuneError
 from finetune.models.classifier import ImageClassifier
-from finetune.safe_checkpoint import load_checkpoint
+from finetune.run.safe_checkpoint import load_checkpoint
 
 HINT = "pass ckpt_path=PATH to a .ckpt written by train.py (outputs/<date>/<time>/checkpoints/)"
 # What torch.load raises for a file it cannot unpickle: a damaged archive (RuntimeError from the

@@ -72,7 +72,7 @@ class ImageClassifier(Calibrated, L.LightningModule):
         super().__init__()
         if class_names is not None:
             class_names = [str(c) for c in class_names]
-        # As config dicts, not partials: a checkpoint holds data only (finetune.safe_checkpoint).
+        # As config dicts, not partials: a checkpoint holds data only (finetune.run.safe_checkpoint).
         optimizer, scheduler = as_config(optimizer), as_config(scheduler)
         self.save_hyperparameters(ignore=["weights_spec"], logger=False)
         backbone = create_backbone(name, weights, drop_path=drop_path, spec=weights_spec)
@@ -226,7 +226,7 @@ class ImageClassifier(Calibrated, L.LightningModule):
         if self.val_acc_best.update_count:
             checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
         # The validation these weights scored (and the temperature fitted for them): what the final
-        # metrics report beside the test of the best checkpoint (finetune.train.final_metrics).
+        # metrics report beside the test of the best checkpoint (finetune.cli.train.final_metrics).
         if self._trainer is not None:
             checkpoint["val_metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                          if k.startswith("val/")}

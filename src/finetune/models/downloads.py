@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import torch
 from torchvision.models import WeightsEnum
 
-from finetune.cache_lock import entry_lock, remove_leftovers
 from finetune.errors import FinetuneError
+from finetune.run.cache_lock import entry_lock, remove_leftovers
 
 log = logging.getLogger("finetune")
 
@@ -84,7 +84,7 @@ def _download(url: str, path: Path, what: str, expected_hash: str | None) -> Non
         reason = getattr(e, "reason", e)
         raise FinetuneError(
             f"cannot download {what} ({reason}); put the file {url} at {path} "
-            "(or run `python -m finetune.prefetch` with internet), or use model.weights=null "
+            "(or run `python -m finetune.cli.prefetch` with internet), or use model.weights=null "
             "for random init, or model.weights=/path/to/state_dict.pth"
         ) from None
     except RuntimeError as e:  # the only RuntimeError download_url_to_file raises: a bad hash

@@ -1,7 +1,7 @@
 """The optimizer and scheduler as plain config dicts in the hyperparameters, not Python objects.
 
 Hydra hands the model `functools.partial` objects (`_partial_: true`); pickled into a checkpoint
-they make it a program (torch's weights-only unpickler refuses them, see finetune.safe_checkpoint).
+they make it a program (torch's weights-only unpickler refuses them, see finetune.run.safe_checkpoint).
 The model keeps their config instead, `{"_target_": "torch.optim.adam.Adam", "_partial_": True,
 "lr": 0.001, ...}`, and builds the partial from it when it configures its optimizer. Building
 checks the target is an optimizer (or scheduler) class, so a config read from a checkpoint can

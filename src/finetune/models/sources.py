@@ -129,7 +129,7 @@ class WeightsSource:
         return None
 
     def location(self) -> str:
-        """Where the loaded weights lie on this machine, for `finetune.prefetch` to print."""
+        """Where the loaded weights lie on this machine, for `finetune.cli.prefetch` to print."""
         raise NotImplementedError
 
 
@@ -220,7 +220,7 @@ class TimmSource(WeightsSource):
         except OSError as e:
             raise FinetuneError(
                 f"cannot fetch timm weights {self.pretrained} from {self.url()} ({type(e).__name__}); "
-                "run `python -m finetune.prefetch` with internet, or use model.weights=package:NAME, "
+                "run `python -m finetune.cli.prefetch` with internet, or use model.weights=package:NAME, "
                 "a path to a state dict, or null"
             ) from None
 

@@ -9,11 +9,11 @@
 
 `resolve(name, weights)` reads the value once and returns a `WeightsSpec`: the architecture, the
 preprocessing those weights expect, what the library builds, and the source (sources.py) that
-loads them and says their url and location. The network (backbones.py), `finetune.prefetch` and
-`finetune.optimize` all take the spec; none parses the value again.
+loads them and says their url and location. The network (backbones.py), `finetune.cli.prefetch` and
+`finetune.cli.optimize` all take the spec; none parses the value again.
 
 Downloads go through the libraries' own caches (downloads.py), so a file placed there by hand (or
-by `python -m finetune.prefetch`) is used without network; offline, the error names the file and
+by `python -m finetune.cli.prefetch`) is used without network; offline, the error names the file and
 the fix. Every file is read with `weights_only=True`.
 """
 

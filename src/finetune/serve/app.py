@@ -12,12 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.errors import FinetuneError
-from finetune.runtime import user_errors_as_one_line
 from finetune.serve.models import file_sha256, load_served
 
 log = logging.getLogger("finetune")
@@ -80,10 +78,7 @@ def serve(cfg: DictConfig) -> None:
                log_level=cfg.log_level)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
-    serve(cfg)
+main = entry_point('serve', serve)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ training batch it raises Lightning's own SIGTERM flag, which Lightning acts on o
 logged and counted (where the train loader's saved position is exact: stopping at the start of an
 epoch, after Lightning fetched its first batch, made the resumed run skip that batch), and
 `on_exception` saves `hpc_ckpt_<n>.ckpt` in the run dir and calls `scontrol requeue` from rank zero. The requeued job
-runs in the same run dir (`finetune.resume.prepare_argv`) and continues from that checkpoint.
+runs in the same run dir (`finetune.run.resume.prepare_argv`) and continues from that checkpoint.
 """
 
 from __future__ import annotations

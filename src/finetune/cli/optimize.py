@@ -1,4 +1,4 @@
-"""`python -m finetune.optimize data=<source> output=DIR_OR_URI`: convert any data source to LitData
+"""`python -m finetune.cli.optimize data=<source> output=DIR_OR_URI`: convert any data source to LitData
 chunks once, then train from them with `data=streaming data.input_dir=DIR_OR_URI`.
 
 Every split of the source (val split off train with the source's own seed when it has none, so the
@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.data.datamodule import ImageDataModule
 from finetune.data.jpeg import jpeg_bytes
 from finetune.data.preprocessing import decide_for
@@ -38,7 +38,6 @@ from finetune.data.subsets import drop_late_failures
 from finetune.data.workers import available_cpus
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
-from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
 CHUNK_BYTES = "64MB"
@@ -130,13 +129,14 @@ def _optimize_split(dataset: Dataset, target: str, short_side: int, workers: int
     return len(StreamingDataset(target, cache_dir=None))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="optimize")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
+def convert_and_say(cfg: DictConfig) -> None:
+    """`convert` the configured source, then print where the chunks are and how to train from them."""
     meta = convert(cfg.data, cfg.model.name, cfg.model.get("weights"), str(cfg.output), cfg.get("num_workers"))
     print(f"wrote {meta['splits']} images of {len(meta['classes'])} classes to {normalise_dir(str(cfg.output))}; "
           f"train with: python train.py data=streaming data.input_dir={normalise_dir(str(cfg.output))}")
 
+
+main = entry_point("optimize", convert_and_say)
 
 if __name__ == "__main__":
     main()

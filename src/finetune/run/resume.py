@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import run_lock
-from finetune.distributed import is_global_zero
 from finetune.errors import FinetuneError
-from finetune.safe_checkpoint import LOAD_ERRORS, load_checkpoint
+from finetune.run import run_lock
+from finetune.run.distributed import is_global_zero
+from finetune.run.safe_checkpoint import LOAD_ERRORS, load_checkpoint
 
 log = logging.getLogger("finetune")
 
@@ -154,7 +154,7 @@ def resumable_checkpoint(run_dir: Path, trust: bool = False, warn: bool = True) 
 
     A truncated or damaged one (a kill mid-copy, a full disk) is skipped with a warning naming it
     and the one used instead, and is left as it is; none readable is one line. A file that would
-    run code is refused (finetune.safe_checkpoint), never skipped."""
+    run code is refused (finetune.run.safe_checkpoint), never skipped."""
     found = [p for p in (*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob(HPC_CHECKPOINTS)) if p.is_file()]
     found.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
     unreadable: list[str] = []

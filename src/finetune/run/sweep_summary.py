@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from finetune.distributed import is_global_zero
-from finetune.resume import job_subdir
+from finetune.run.distributed import is_global_zero
+from finetune.run.resume import job_subdir
 
 RECORD = "sweep_job.json"
 METRICS = "metrics.json"

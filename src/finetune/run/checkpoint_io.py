@@ -22,9 +22,9 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from finetune.cache_lock import remove_leftovers
 from finetune.output_errors import tensor_bytes, writing
-from finetune.safe_checkpoint import load_checkpoint, refusing_code
+from finetune.run.cache_lock import remove_leftovers
+from finetune.run.safe_checkpoint import load_checkpoint, refusing_code
 
 TEMP_SUFFIX = ".tmp"  # not .ckpt: nothing that looks for checkpoints takes a half-written one
 

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.callbacks import PredictionWriter
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.data.image_files import ImageFilesData, find_files, model_inputs
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.output_errors import check_writable, writing
-from finetune.runtime import resolve_speed_settings, user_errors_as_one_line
+from finetune.runtime import resolve_speed_settings
 
 log = logging.getLogger("finetune")
 
@@ -73,10 +73,7 @@ def predict(cfg: DictConfig) -> PredictionWriter:
     return writer
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
-    predict(cfg)
+main = entry_point('predict', predict)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,21 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
-from finetune import run_lock
 from finetune.callbacks.param_counts import ParameterCounts
 from finetune.callbacks.time_budget import TimeBudget
+from finetune.cli.config_source import entry_point
+from finetune.cli.lr_finder import tune_learning_rate
 from finetune.config_checks import check_input_size, check_numbers, check_options
-from finetune.config_source import CONFIG_PATH
 from finetune.data.preprocessing import decide_for
 from finetune.data.transforms import Preprocessing
-from finetune.distributed import is_global_zero, one_run_for_all_ranks
 from finetune.errors import FinetuneError
 from finetune.finetuning.sizing import size_from_data
 from finetune.hparams_view import FIT_TIME
-from finetune.lr_finder import tune_learning_rate
 from finetune.models import weights as weights_lib
-from finetune.requeue import RequeueOnSignal
-from finetune.resume import (
+from finetune.run import run_lock
+from finetune.run.distributed import is_global_zero, one_run_for_all_ranks
+from finetune.run.requeue import RequeueOnSignal
+from finetune.run.resume import (
     METRICS,
     Start,
     checkpoint_problem,
@@ -37,6 +37,7 @@ from finetune.resume import (
     prepare_argv,
     write_record,
 )
+from finetune.run.safe_checkpoint import load_checkpoint
 from finetune.runtime import (
     instantiate_all,
     instantiate_loggers,
@@ -44,9 +45,7 @@ from finetune.runtime import (
     print_config_tree,
     print_metrics,
     resolve_speed_settings,
-    user_errors_as_one_line,
 )
-from finetune.safe_checkpoint import load_checkpoint
 
 log = logging.getLogger("finetune")
 # metrics.json: the values of the fit's last epoch, kept apart from the tested checkpoint's val/* and test/*.
@@ -112,8 +111,8 @@ def strategy_callback(cfg: DictConfig) -> L.Callback:
 
 def slurm_requeue(cfg: DictConfig) -> tuple[list, list[L.Callback]]:
     """Plugins and callbacks for a SLURM batch job: on `cfg.slurm.requeue_signal` it saves
-    `hpc_ckpt_<n>.ckpt` in the run dir and requeues itself (finetune.requeue); the requeued job runs
-    in the same run dir (finetune.resume) and continues from that checkpoint."""
+    `hpc_ckpt_<n>.ckpt` in the run dir and requeues itself (finetune.run.requeue); the requeued job runs
+    in the same run dir (finetune.run.resume) and continues from that checkpoint."""
     slurm = cfg.get("slurm")
     if not slurm or not slurm.get("auto_requeue", True) or not SLURMEnvironment.detect():
         return [], []
@@ -176,7 +175,7 @@ def train(cfg: DictConfig, ckpt_path: str | Path | None = None) -> dict[str, flo
     elif cfg.get("tune_lr"):
         tune_learning_rate(trainer, model, datamodule, save_dir=cfg.paths.output_dir, **cfg.get("lr_finder", {}))
 
-    # Checkpoints are data (finetune.safe_checkpoint): read with the weights-only unpickler.
+    # Checkpoints are data (finetune.run.safe_checkpoint): read with the weights-only unpickler.
     weights_only = not cfg.get("trust_checkpoint")
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
@@ -209,7 +208,7 @@ def final_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.Light
 
 def report(metrics: dict[str, float], best: str, run_dir: Path) -> None:
     """Two tables, one per set of weights (the tested checkpoint's validation and test; the last
-    epoch's), and metrics.json, which the sweep summary (finetune.sweep_summary) reads."""
+    epoch's), and metrics.json, which the sweep summary (finetune.run.sweep_summary) reads."""
     tested = f"best checkpoint {Path(best).name}" if best else "final weights"
     print_metrics(f"{tested}: validation and test", {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test")})
     print_metrics("last epoch (not tested)", {k[len(LAST_EPOCH):]: v for k, v in metrics.items() if k.startswith(LAST_EPOCH)})
@@ -240,7 +239,7 @@ def final_metrics(fit_metrics: dict[str, float], best: str) -> dict[str, float]:
 def train_or_resume(cfg: DictConfig) -> dict[str, float]:
     """`train` in the run dir as `cfg.resume` and the dir's own record say: afresh, from the dir's
     newest readable checkpoint, or not at all when this run already finished there. Rank zero holds
-    the run dir's lock throughout (finetune.run_lock): one training process per run dir."""
+    the run dir's lock throughout (finetune.run.run_lock): one training process per run dir."""
     run_dir = Path(cfg.paths.output_dir)
     if not is_global_zero():
         return _train_or_resume(cfg, run_dir)
@@ -267,13 +266,15 @@ def _train_or_resume(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@user_errors_as_one_line
-def hydra_main(cfg: DictConfig) -> float | None:
+def objective(cfg: DictConfig) -> float | None:
+    """Train (or resume) with every DDP rank in this one run; `optimized_metric`'s value for a sweeper."""
     with one_run_for_all_ranks():
         metrics = train_or_resume(cfg)
-    objective = cfg.get("optimized_metric")
-    return metrics.get(objective) if objective else None
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+hydra_main = entry_point("train", objective)
 
 
 def main() -> float | None:

@@ -14,18 +14,16 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.data.image_files import find_files, model_inputs
 from finetune.data.transforms import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.models.exporters import FORMATS, export_model, run_exported
 from finetune.output_errors import check_writable, writing
-from finetune.runtime import user_errors_as_one_line
 
 log = logging.getLogger("finetune")
 
@@ -52,8 +50,9 @@ def check_batch(cfg: DictConfig, p: Preprocessing, generator: torch.Generator) -
     return dataset.batch_transform(batch) if dataset.batch_transform is not None else batch
 
 
-def export(cfg: DictConfig) -> dict:
-    """Write the model and its JSON; returns the JSON's content (parity result included)."""
+def output_paths(cfg: DictConfig) -> tuple[Path, Path]:
+    """The model file and its JSON, checked before any work: a known format, nothing overwritten,
+    a writable folder (a read-only or misspelt path is one line, not a traceback after the export)."""
     if cfg.format not in FORMATS:
         raise FinetuneError(f"format={cfg.format} is not supported; pass format={' or format='.join(FORMATS)}")
     target = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / f"model{FORMATS[cfg.format]}"
@@ -61,7 +60,13 @@ def export(cfg: DictConfig) -> dict:
     for path in (target, described):
         if path.exists():
             raise FinetuneError(f"{path} exists; pass another output=PATH or move the file away")
-    check_writable(target)  # before any work: a read-only or misspelt path is one line
+    check_writable(target)
+    return target, described
+
+
+def export(cfg: DictConfig) -> dict:
+    """Write the model and its JSON; returns the JSON's content (parity result included)."""
+    target, described = output_paths(cfg)
     model = load_classifier(cfg.ckpt_path, trust=bool(cfg.get("trust_checkpoint")))
     p = model.preprocessing
     generator = torch.Generator().manual_seed(0)
@@ -78,10 +83,21 @@ def export(cfg: DictConfig) -> dict:
         target.parent.mkdir(parents=True, exist_ok=True)
         export_model(model, cfg.format, target, sample)
     got = run_exported(cfg.format, target, check)
-    max_diff = float((got - expected).abs().max())
-    passed = bool(torch.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol))
+    parity = {"passed": bool(torch.allclose(got, expected, atol=cfg.atol, rtol=cfg.rtol)),
+              "max_abs_diff": float((got - expected).abs().max()), "atol": cfg.atol, "rtol": cfg.rtol,
+              "batch_size": len(check), "against": f"PyTorch {torch.__version__}",
+              "inputs": str(cfg.check_input) if cfg.get("check_input") else "random normal"}
+    info = describe(cfg, model, target, temperature, parity)
+    with writing(described):
+        described.write_text(json.dumps(info, indent=2) + "\n")
+    report(target, described, parity)
+    return info
 
-    info = {
+
+def describe(cfg: DictConfig, model, target: Path, temperature: float, parity: dict) -> dict:
+    """The JSON next to the model: what goes in, what comes out, where it came from."""
+    p = model.preprocessing
+    return {
         "format": cfg.format,
         "file": target.name,
         "checkpoint": str(Path(cfg.ckpt_path).expanduser().resolve()),
@@ -96,32 +112,36 @@ def export(cfg: DictConfig) -> dict:
         # views rescales the averaged logits from `temperature` to these.
         "tta_temperatures": dict(getattr(model, "tta_temperatures", {}) or {}),
         "class_names": list(model.class_names),
-        "preprocessing": {
-            "resize_size": p.resize_size, "crop_size": p.crop_size, "interpolation": p.interpolation,
-            "mean": list(p.mean), "std": list(p.std), "draft_decode": p.draft_decode,
-            "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
-                     "scale to [0, 1], normalise",
-            "tiny_images": "an image whose longest side is at most crop_size / 2 (as eval and predict.py read "
-                           "it): resize the short side to the longest side sampled among the images, center-crop the same fraction "
-                           "(crop_size / resize_size), upsample to crop_size (interpolation, antialiased), "
-                           "then scale and normalise",
-        },
-        "parity": {"passed": passed, "max_abs_diff": max_diff, "atol": cfg.atol, "rtol": cfg.rtol,
-                   "batch_size": len(check), "against": f"PyTorch {torch.__version__}",
-                   "inputs": str(cfg.check_input) if cfg.get("check_input") else "random normal"},
+        "preprocessing": preprocessing_steps(p),
+        "parity": parity,
     }
-    with writing(described):
-        described.write_text(json.dumps(info, indent=2) + "\n")
-    verdict = "passed" if passed else "FAILED"
+
+
+def preprocessing_steps(p: Preprocessing) -> dict:
+    """The preprocessing as values and as the steps a consumer must repeat, tiny images included."""
+    return {
+        "resize_size": p.resize_size, "crop_size": p.crop_size, "interpolation": p.interpolation,
+        "mean": list(p.mean), "std": list(p.std), "draft_decode": p.draft_decode,
+        "steps": decode_step(p) + "resize the short side to resize_size, center-crop crop_size, "
+                 "scale to [0, 1], normalise",
+        "tiny_images": "an image whose longest side is at most crop_size / 2 (as eval and predict.py read "
+                       "it): resize the short side to the longest side sampled among the images, center-crop the same fraction "
+                       "(crop_size / resize_size), upsample to crop_size (interpolation, antialiased), "
+                       "then scale and normalise",
+    }
+
+
+def report(target: Path, described: Path, parity: dict) -> None:
+    """Print what was written and the parity verdict; a failed check is an error (files kept)."""
+    max_diff, atol = parity["max_abs_diff"], parity["atol"]
     print(f"wrote {target} and {described.name}")
-    print(f"parity check {verdict}: max |exported - pytorch| = {max_diff:.2e} on {len(check)} "
-          f"images (atol={cfg.atol}, rtol={cfg.rtol})")
-    if not passed:
+    print(f"parity check {'passed' if parity['passed'] else 'FAILED'}: max |exported - pytorch| = "
+          f"{max_diff:.2e} on {parity['batch_size']} images (atol={atol}, rtol={parity['rtol']})")
+    if not parity["passed"]:
         raise FinetuneError(
-            f"the exported {target} differs from PyTorch by up to {max_diff:.2e} (atol={cfg.atol}); "
+            f"the exported {target} differs from PyTorch by up to {max_diff:.2e} (atol={atol}); "
             "files kept for inspection; a real bug unless atol was set very tight"
         )
-    return info
 
 
 def decode_step(p: Preprocessing) -> str:
@@ -133,10 +153,7 @@ def decode_step(p: Preprocessing) -> str:
             f"kept >= {max(p.resize_size, p.crop_size)}), ")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
-    export(cfg)
+main = entry_point('export', export)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m finetune.prefetch model=resnet50 data=hotdog`: fill the caches an offline run reads.
+"""`python -m finetune.cli.prefetch model=resnet50 data=hotdog`: fill the caches an offline run reads.
 
 Run it where there is internet (a login node) with the overrides of the training run; the compute
 node then finds the weights in torch.hub's cache (timm's in Hugging Face's) and the data set under
@@ -13,11 +13,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config_source import CONFIG_PATH
+from finetune.cli.config_source import entry_point
 from finetune.errors import FinetuneError
 from finetune.models import weights as weights_lib
 from finetune.models.backbones import build_network
-from finetune.runtime import user_errors_as_one_line
 
 
 @dataclass
@@ -65,9 +64,8 @@ def prefetch(cfg: DictConfig) -> list[Fetched]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prefetch")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
+def prefetch_all(cfg: DictConfig) -> None:
+    """`prefetch`, failing in one line that names every URL it could not reach."""
     failed = [r for r in prefetch(cfg) if r.where is None]
     if failed:
         urls = ", ".join(r.url or r.what for r in failed)
@@ -76,6 +74,8 @@ def main(cfg: DictConfig) -> None:
             "where the lines above say"
         )
 
+
+main = entry_point("prefetch", prefetch_all)
 
 if __name__ == "__main__":
     main()

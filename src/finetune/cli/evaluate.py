@@ -17,15 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.callbacks import ConfusionMatrix
+from finetune.cli.config_source import entry_point
 from finetune.config_checks import check_numbers
-from finetune.config_source import CONFIG_PATH
 from finetune.data.preprocessing import decide_for
 from finetune.errors import FinetuneError
 from finetune.models.checkpoint import load_classifier
 from finetune.runtime import (
     instantiate_all,
     resolve_speed_settings,
-    user_errors_as_one_line,
 )
 
 log = logging.getLogger("finetune")
@@ -108,10 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-@user_errors_as_one_line
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+main = entry_point('eval', evaluate)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def release(run_dir: str | Path) -> None:
 @contextmanager
 def locked(run_dir: str | Path) -> Iterator[None]:
     """Hold `run_dir` for the block; a lock this process took earlier (before Hydra wrote the
-    dir, see finetune.resume.prepare_argv) stays held for the life of the process."""
+    dir, see finetune.run.resume.prepare_argv) stays held for the life of the process."""
     taken = hold(run_dir)
     try:
         yield
