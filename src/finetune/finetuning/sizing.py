@@ -32,7 +32,7 @@ class Rule:
     """The thresholds of the rule; each is a `sizing.*` config value."""
 
     small_source_px: int = 96  # BiT: photos whose longer side is at most this count as small
-    small_train_size: int = 128  # FixRes: small photos train at this crop, evaluation keeps its own size
+    small_train_size: int = 160  # FixRes: small photos train at this crop, evaluation keeps its own size (tuned on val)
     small_data: int = 20_000  # below this many training images: the short schedule, no MixUp
     small_data_steps: int = 500  # BiT's 500 steps for data sets under 20k images
     large_data_steps: int = 10_000  # BiT's 10k steps up to 500k images (20k above: capped by epochs here)
