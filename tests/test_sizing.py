@@ -104,8 +104,10 @@ def test_the_rule_scales_with_the_data():
     assert small.max_epochs == 10 + small.finetune_epochs
 
 
-def test_a_frozen_backbone_or_an_unknown_key_is_refused_in_one_line(small_photos, tmp_path):
+def test_a_frozen_backbone_an_unknown_key_or_no_length_is_refused_in_one_line(small_photos, tmp_path):
     with pytest.raises(FinetuneError, match="trains no backbone; set sizing=null"):
         train(compose_train(overrides(small_photos, "finetune=frozen"), tmp_path / "frozen"))
+    with pytest.raises(FinetuneError, match=r"trainer.max_epochs=null and sizing=null: nothing says how long"):
+        train(compose_train(overrides(small_photos, "sizing=null"), tmp_path / "no_length"))
     with pytest.raises(FinetuneError, match=r"sizing has unknown keys \['steps'\]"):
         train(compose_train(overrides(small_photos, "+sizing.steps=3"), tmp_path / "unknown"))

@@ -48,6 +48,10 @@ def check_options(cfg: DictConfig) -> None:
     from finetune.models.calibration import check_tta
 
     check_tta(cfg.get("tta"))
+    if "sizing" in cfg and not cfg.sizing and _value(cfg, "trainer.max_epochs") is None \
+            and _value(cfg, "trainer.max_steps") in (None, -1):
+        raise FinetuneError("trainer.max_epochs=null and sizing=null: nothing says how long to train (Lightning "
+                            "would run 1000 epochs); set trainer.max_epochs=N, or keep the recipe's sizing")
     why = _no_validation(cfg) if cfg.get("calibrate") else None
     if why:
         raise FinetuneError(f"calibrate=true fits the temperature on the validation batches, but this run "
