@@ -4,6 +4,11 @@ Lightning restores weights, optimizer, schedulers, loops and (for a resumable tr
 `finetune.data.resumable_loader`) the position in the epoch, but not the global RNGs. Without
 them a resumed run draws other random crops (when the main process loads the data), other dropout
 masks and other validation seeds than the run left alone, and ends several points away from it.
+
+The loggers are flushed as each checkpoint is written: a resumed run logs again only the steps
+after its checkpoint (TensorBoard's purge_step hides the rest), so values logged before it must be
+on disk, not in the writer's queue of a process killed with SIGKILL (its epoch's train/loss_epoch
+went missing from a resumed sweep job's curves).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ class ResumeState(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_states.collect(include_cuda=True)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:  # TensorBoard's save() flushes its event writer
+            logger.save()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = rng_states.as_numpy_state(state_dict["rng"])
