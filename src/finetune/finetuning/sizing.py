@@ -114,7 +114,8 @@ def plan_recipe(rule: Rule, *, n_train: int, source_size: int | None, eval_size:
         step_words = f"{epochs} fine-tuning epochs = {epochs * steps_per_epoch} steps (trainer.max_epochs={max_epochs}, yours)"
     alpha, mix_words = choose_mixup(rule, n_train, mixup_alpha)
     warmup = round(warmup_fraction * epochs * steps_per_epoch)
-    line = (f"recipe sized from the data ({n_train:,} training images, "
+    # Steps are counted at `batch_size` on one device: under DDP each step sees devices x batch images.
+    line = (f"recipe sized from the data ({n_train:,} training images, batch {batch_size} per device, "
             f"{f'{source_size} px' if source_size else 'size unknown'}): {size_words}; {step_words}, "
             f"{warmup} of them warm-up, cosine to zero; {mix_words}")
     return Plan(size, epochs, epochs * steps_per_epoch, finetune_starts_at + epochs, alpha, line)
