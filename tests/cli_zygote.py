@@ -6,7 +6,8 @@ and stderr going where run_cli reads them.
 Why: every `python train.py ...` pays 5-10 s of importing those libraries on a 2-core CI machine,
 most of a run that ends in a one-line error, and the suite starts dozens of them. What stays as in
 a fresh interpreter: the environment (run_cli uses this server only when a command's environment
-equals the one the server started with; any other, e.g. SLURM variables or CUDA_VISIBLE_DEVICES,
+equals the one the server started with, up to variables read only at run time (conftest.RUNTIME_ONLY;
+the child gets the command's values); any other, e.g. SLURM variables or CUDA_VISIBLE_DEVICES,
 gets a fresh `python`), the project's own modules (`finetune` is imported by the child, never by
 the server), `__main__`, `sys.argv`, `sys.path[0]`, the working directory, the exit status
 (negative for a signal, as subprocess reports it), atexit handlers and non-daemon threads at exit.
@@ -104,7 +105,7 @@ def run_command(request: dict) -> None:
         os.dup2(source, target)
         os.close(source)
     os.environ.clear()
-    os.environ.update(request["env"])  # the server's, up to PYTEST_CURRENT_TEST (conftest.CliServer.serves)
+    os.environ.update(request["env"])  # the server's, up to conftest.RUNTIME_ONLY
     os.chdir(request["cwd"])
     script = os.path.abspath(request["argv"][0])
     sys.argv = [request["argv"][0], *request["argv"][1:]]

@@ -83,11 +83,18 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
                           timeout=timeout, check=False)
 
 
+# Set in this process while tests run (pytest's test name, Lightning's seed_everything, the streaming
+# data module's setdefault), read only at run time: none of the libraries the server imports reads
+# them on import, and the child gets the command's values.
+RUNTIME_ONLY = {"PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "AWS_ALLOW_HTTP"}
+
+
 class CliServer:
     """The client side of tests/cli_zygote.py (see its docstring for what stays as in a fresh run)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = dict(env)
+        self.noted = False
         self.folder = Path(tempfile.mkdtemp(prefix="finetune-cli-"))
         self.socket_path = str(self.folder / "socket")
         self.process = subprocess.Popen(
@@ -98,11 +105,18 @@ class CliServer:
             self.process.wait()
             raise RuntimeError(f"the CLI fork server did not start (exit {self.process.returncode})")
 
-    def serves(self, env: dict[str, str]) -> bool:
-        """Whether `env` is the server's (pytest's PYTEST_CURRENT_TEST aside: it names each test; the
-        child gets the command's value, and no library reads it on import)."""
-        return (self.process.poll() is None
-                and _without(env, "PYTEST_CURRENT_TEST") == _without(self.env, "PYTEST_CURRENT_TEST"))
+    def serves(self, env: dict[str, str], note: bool) -> bool:
+        """Whether `env` is the server's, up to RUNTIME_ONLY variables (the child gets the command's
+        values of those). With `note`, a difference (the tests' own environment drifted) is said once."""
+        if self.process.poll() is not None:
+            return False
+        differ = sorted(k for k in env.keys() | self.env.keys()
+                        if k not in RUNTIME_ONLY and env.get(k) != self.env.get(k))
+        if differ and note and not self.noted:
+            self.noted = True
+            print(f"conftest: {', '.join(differ)} differ from the CLI fork server's environment: "
+                  "a fresh interpreter for such commands", file=sys.stderr)
+        return not differ
 
     def run(self, command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
@@ -127,10 +141,6 @@ class CliServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _without(env: dict[str, str], name: str) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k != name}
-
-
 def _text(file) -> str:
     """What `subprocess.run(..., text=True)` gives: locale-decoded, universal newlines."""
     file.seek(0)
@@ -153,7 +163,7 @@ def _cli_server(env: dict[str, str], start: bool) -> CliServer | None:
             print(f"conftest: no CLI fork server ({error}); fresh interpreters", file=sys.stderr)
             _servers.append(None)
     server = _servers[0]
-    return server if server is not None and server.serves(env) else None
+    return server if server is not None and server.serves(env, note=start) else None
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
