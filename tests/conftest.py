@@ -76,7 +76,7 @@ def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None =
     interpreter."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     command = [sys.executable, str(ROOT / script), *args]
-    server = _cli_server(full_env, start=not env)
+    server = _cli_server(full_env, own_env=not env)
     if server is not None:
         return server.run(command, cwd=cwd or ROOT, env=full_env, timeout=timeout)
     return subprocess.run(command, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
@@ -107,11 +107,10 @@ class CliServer:
 
     def serves(self, env: dict[str, str], note: bool) -> bool:
         """Whether `env` is the server's, up to RUNTIME_ONLY variables (the child gets the command's
-        values of those). With `note`, a difference (the tests' own environment drifted) is said once."""
+        values of those). With `note`, a difference (the tests' own environment changed) is said once."""
         if self.process.poll() is not None:
             return False
-        differ = sorted(k for k in env.keys() | self.env.keys()
-                        if k not in RUNTIME_ONLY and env.get(k) != self.env.get(k))
+        differ = _differ(env, self.env)
         if differ and note and not self.noted:
             self.noted = True
             print(f"conftest: {', '.join(differ)} differ from the CLI fork server's environment: "
@@ -124,14 +123,14 @@ class CliServer:
             conn.connect(self.socket_path)
             request = json.dumps({"argv": command[1:], "cwd": str(cwd), "env": env}).encode() + b"\n"
             socket.send_fds(conn, [request], [out.fileno(), err.fileno()])
-            replies = conn.makefile("r")
-            pid = json.loads(replies.readline())["pid"]
-            conn.settimeout(timeout)
-            try:
-                line = replies.readline()
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(command, timeout, _text(out), _text(err)) from None
+            with conn.makefile("r") as replies:
+                pid = json.loads(replies.readline())["pid"]
+                conn.settimeout(timeout)
+                try:
+                    line = replies.readline()
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(command, timeout, _text(out), _text(err)) from None
             returncode = json.loads(line)["returncode"]
             return subprocess.CompletedProcess(command, returncode, _text(out), _text(err))
 
@@ -141,29 +140,37 @@ class CliServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _differ(env: dict[str, str], other: dict[str, str]) -> list[str]:
+    return sorted(k for k in env.keys() | other.keys() if k not in RUNTIME_ONLY and env.get(k) != other.get(k))
+
+
 def _text(file) -> str:
     """What `subprocess.run(..., text=True)` gives: locale-decoded, universal newlines."""
     file.seek(0)
     return io.TextIOWrapper(io.BytesIO(file.read()), encoding=locale.getpreferredencoding(False)).read()
 
 
+# The environment run_cli gives commands when no test has changed it; the server runs in this one.
+CLI_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 _servers: list[CliServer | None] = []
 
 
-def _cli_server(env: dict[str, str], start: bool) -> CliServer | None:
-    """The fork server for commands in `env`: started by the first command run in the tests' own
-    environment (`start`), None where it cannot serve."""
-    if os.environ.get("FINETUNE_TESTS_FRESH_CLI") == "1" or not (_servers or start):
+def _cli_server(env: dict[str, str], own_env: bool) -> CliServer | None:
+    """The fork server for a command in `env` (`own_env`: run_cli was given no environment), started
+    by the first command that it can serve; None where it cannot serve this one."""
+    if os.environ.get("FINETUNE_TESTS_FRESH_CLI") == "1":
         return None
     if not _servers:
+        if _differ(env, CLI_ENV):
+            return None
         try:
-            _servers.append(CliServer(env))
+            _servers.append(CliServer(CLI_ENV))
             atexit.register(_servers[0].close)
         except (OSError, RuntimeError) as error:  # then every command runs in a fresh interpreter
             print(f"conftest: no CLI fork server ({error}); fresh interpreters", file=sys.stderr)
             _servers.append(None)
     server = _servers[0]
-    return server if server is not None and server.serves(env, note=start) else None
+    return server if server is not None and server.serves(env, note=own_env) else None
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
