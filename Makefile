@@ -19,7 +19,7 @@ install:  ## install torch, then this project with its dev tools and packaged of
 	    apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "chromium not installed (no apt-get or not root): tests/test_serve.py skips the page test"
 
-test:  ## the whole test suite (offline, CPU only)
+test:  ## the whole test suite (offline, CPU only); lists the 25 slowest tests
 	$(PYTHON) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast:  ## skip the slow tests (DDP, sweeps, export, end-to-end runs): under 3 minutes on 2 cores

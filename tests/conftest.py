@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
+import io
+import json
+import locale
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -61,12 +69,108 @@ def shapes_folder(tmp_path_factory) -> Path:
 
 def run_cli(script: str, *args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a root-level entry point as a user would."""
+    """Run a root-level entry point as a user would: `python SCRIPT ARGS` in `cwd`.
+
+    Forked from tests/cli_zygote.py (torch and Lightning already imported) when the environment is
+    the one that server started with; otherwise (or with FINETUNE_TESTS_FRESH_CLI=1) a fresh
+    interpreter."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
-    )
+    command = [sys.executable, str(ROOT / script), *args]
+    server = _cli_server(full_env, own_env=not env)
+    if server is not None:
+        return server.run(command, cwd=cwd or ROOT, env=full_env, timeout=timeout)
+    return subprocess.run(command, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+# Set in this process while tests run (pytest's test name, Lightning's seed_everything, the streaming
+# data module's setdefault), read only at run time: none of the libraries the server imports reads
+# them on import, and the child gets the command's values.
+RUNTIME_ONLY = {"PYTEST_CURRENT_TEST", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "AWS_ALLOW_HTTP"}
+
+
+class CliServer:
+    """The client side of tests/cli_zygote.py (see its docstring for what stays as in a fresh run)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = dict(env)
+        self.noted = False
+        self.folder = Path(tempfile.mkdtemp(prefix="finetune-cli-"))
+        self.socket_path = str(self.folder / "socket")
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve().parent / "cli_zygote.py"), self.socket_path],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            self.process.wait()
+            raise RuntimeError(f"the CLI fork server did not start (exit {self.process.returncode})")
+
+    def serves(self, env: dict[str, str], note: bool) -> bool:
+        """Whether `env` is the server's, up to RUNTIME_ONLY variables (the child gets the command's
+        values of those). With `note`, a difference (the tests' own environment changed) is said once."""
+        if self.process.poll() is not None:
+            return False
+        differ = _differ(env, self.env)
+        if differ and note and not self.noted:
+            self.noted = True
+            print(f"conftest: {', '.join(differ)} differ from the CLI fork server's environment: "
+                  "a fresh interpreter for such commands", file=sys.stderr)
+        return not differ
+
+    def run(self, command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.socket_path)
+            request = json.dumps({"argv": command[1:], "cwd": str(cwd), "env": env}).encode() + b"\n"
+            socket.send_fds(conn, [request], [out.fileno(), err.fileno()])
+            with conn.makefile("r") as replies:
+                pid = json.loads(replies.readline())["pid"]
+                conn.settimeout(timeout)
+                try:
+                    line = replies.readline()
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(command, timeout, _text(out), _text(err)) from None
+            returncode = json.loads(line)["returncode"]
+            return subprocess.CompletedProcess(command, returncode, _text(out), _text(err))
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _differ(env: dict[str, str], other: dict[str, str]) -> list[str]:
+    return sorted(k for k in env.keys() | other.keys() if k not in RUNTIME_ONLY and env.get(k) != other.get(k))
+
+
+def _text(file) -> str:
+    """What `subprocess.run(..., text=True)` gives: locale-decoded, universal newlines."""
+    file.seek(0)
+    return io.TextIOWrapper(io.BytesIO(file.read()), encoding=locale.getpreferredencoding(False)).read()
+
+
+# The environment run_cli gives commands when no test has changed it; the server runs in this one.
+CLI_ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+_servers: list[CliServer | None] = []
+
+
+def _cli_server(env: dict[str, str], own_env: bool) -> CliServer | None:
+    """The fork server for a command in `env` (`own_env`: run_cli was given no environment), started
+    by the first command that it can serve; None where it cannot serve this one."""
+    if os.environ.get("FINETUNE_TESTS_FRESH_CLI") == "1":
+        return None
+    if not _servers:
+        if _differ(env, CLI_ENV):
+            return None
+        try:
+            _servers.append(CliServer(CLI_ENV))
+            atexit.register(_servers[0].close)
+        except (OSError, RuntimeError) as error:  # then every command runs in a fresh interpreter
+            print(f"conftest: no CLI fork server ({error}); fresh interpreters", file=sys.stderr)
+            _servers.append(None)
+    server = _servers[0]
+    return server if server is not None and server.serves(env, note=own_env) else None
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
