@@ -59,11 +59,18 @@ def serve(socket_path: str) -> dict:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(8)
+    server.settimeout(1.0)  # to notice, within a second, that pytest is gone (even SIGKILLed)
+    parent = os.getppid()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     sys.stderr.flush()
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # orphaned: no one can send commands any more
+                os._exit(0)
+            continue
         try:
             request, fds = _recv_request(conn)
         except (EOFError, ValueError, OSError):
