@@ -152,6 +152,41 @@ def test_adding_one_file_checks_one_file_and_appends_to_the_memo_instead_of_rewr
     assert "checking" not in caplog.text
 
 
+def _collections_in_a_warm_start_up(make_cfg, tmp_path: Path, per_class: int) -> tuple[int, int]:
+    """(garbage collections, files) while a warm folder is listed, checked and set up."""
+    import gc
+
+    from finetune.data.file_checks import FileChecks
+    from finetune.data.file_walk import list_images
+
+    root = write_image_folder(tmp_path / f"data{per_class}", {"train": per_class, "test": 2}, size=8)
+    memo = tmp_path / f"memo{per_class}"
+    cfg = make_cfg(["data=folder", f"data.root={root}", "model.weights=null", f"data.cache_dir={memo}"])
+    hydra.utils.instantiate(cfg.data).setup("fit")  # cold: checks every file, writes the memo
+    files = [str(root / rel) for rel, _, _ in list_images(root)]
+    sizes = [(size, mtime) for _, size, mtime in list_images(root)]
+    checks, datamodule = FileChecks(root, memo), hydra.utils.instantiate(cfg.data)
+    runs = []
+    gc.callbacks.append(lambda phase, info: runs.append(phase == "start"))
+    try:
+        list_images(root)
+        checks.unreadable(files, sizes)
+        datamodule.setup("fit")  # the listing, warm checks and the val split again, as a run does
+    finally:
+        gc.callbacks.pop()
+    assert gc.isenabled()
+    return sum(runs), len(files)
+
+
+def test_a_warm_start_up_runs_as_many_garbage_collections_for_10x_the_files(make_cfg, tmp_path):
+    """Each collection walks the whole heap (torch's import alone leaves hundreds of thousands of
+    objects); set off every few hundred records, they made the per-file cost grow with N."""
+    few, n_few = _collections_in_a_warm_start_up(make_cfg, tmp_path, 60)
+    many, n_many = _collections_in_a_warm_start_up(make_cfg, tmp_path, 600)
+    assert n_many >= 10 * n_few - 100
+    assert many <= few + 2, f"{few} collections for {n_few} files, {many} for {n_many}"
+
+
 def test_long_stages_log_their_progress_when_the_output_is_not_a_terminal(caplog):
     from finetune.data.progress import Progress
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.data import loaders, val_split
 from finetune.data.device_resize import SplitTransforms, split_transforms
+from finetune.data.file_walk import paused_gc
 from finetune.data.mixing import batch_mix, check_alpha, mix_training_batch
 from finetune.data.skipping import SkipReport, collate_readable
 from finetune.data.split_checks import check_enough_for_each_rank, check_readable
@@ -155,6 +156,7 @@ class ImageDataModule(L.LightningDataModule):
         self.mixup_alpha = check_alpha("mixup_alpha", mixup_alpha)
         self.batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
+    @paused_gc()  # listing, checks and split of a million files: see file_walk.paused_gc
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return

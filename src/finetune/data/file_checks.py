@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from finetune.data.file_walk import open_regular
+from finetune.data.file_walk import open_regular, paused_gc
 from finetune.data.progress import Progress
 
 log = logging.getLogger("finetune")
@@ -161,6 +161,7 @@ class FileChecks:
         except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
             log.warning("could not remember file checks in %s (%s)", self.memo, e)
 
+    @paused_gc()
     def unreadable(self, paths: Iterable[str], sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, str]:
         """{path: reason} for the files in `paths` that are not readable images.
 

@@ -10,11 +10,14 @@ device among the images (an `open` that blocks forever), file names in Latin-1 f
 - `open_regular` opens without blocking and refuses anything that is not a regular file, so a
   FIFO is an unreadable file with a reason, not a hang.
 - `printable` turns a name into text any UTF-8 file or terminal takes, recoverably (`unprintable`).
+- `paused_gc` keeps Python's cyclic collector out of the bulk work on a million file names.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import gc
 import logging
 import os
 import stat
@@ -108,6 +111,27 @@ def walk_files(root: str | os.PathLike, keep=is_image) -> Walk:
     return walk
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a listing, memo or split of N files is built.
+
+    Why: the collector runs after every few hundred new containers, and each run of its oldest
+    generation walks every object alive, including the hundreds of thousands torch's import leaves.
+    Building N (path, size, mtime) records set off collections in proportion to N, each over the
+    whole heap: the warm file check cost 5.3 us a file at 100k files and 1.7 at 10k (1.9 and 1.5
+    with the collector paused). Those records hold no reference cycles, so pausing leaves nothing
+    uncollected; the state before is restored, so nesting is harmless.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@paused_gc()
 def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of every image under `root`, sorted; (-1, -1) for an entry
     that cannot be stat'ed (a dangling link: the checks report it). `say_links`: log how many
