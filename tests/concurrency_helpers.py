@@ -77,15 +77,16 @@ def _kill_on_change(folder: Path, before: dict[str, tuple[int, int, int]]) -> No
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
     kind, args = argv[0], argv[1:]
+    # Imported before the processes meet: an import of several seconds after it would let one
+    # process build the whole entry before the other asks for the lock (a race the test lost).
+    from finetune.data.hotdog import fetch_hotdog
+    from finetune.data.resized_cache import resized_copy
+
     if len(args) == 5:  # three arguments, then READY_DIR N
         start_together(Path(args[3]), int(args[4]))
     if kind == "resized":
-        from finetune.data.resized_cache import resized_copy
-
         print("entry", resized_copy(Path(args[0]), Path(args[1]), int(args[2])), flush=True)
     elif kind == "hotdog":
-        from finetune.data.hotdog import fetch_hotdog
-
         print("entry", fetch_hotdog(Path(args[0]), url=args[1], sha1=args[2]), flush=True)
     else:
         raise SystemExit(f"unknown helper {kind}")
