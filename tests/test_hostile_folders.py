@@ -163,8 +163,8 @@ def _collections_in_a_warm_start_up(make_cfg, tmp_path: Path, per_class: int) ->
     memo = tmp_path / f"memo{per_class}"
     cfg = make_cfg(["data=folder", f"data.root={root}", "model.weights=null", f"data.cache_dir={memo}"])
     hydra.utils.instantiate(cfg.data).setup("fit")  # cold: checks every file, writes the memo
-    files = [str(root / rel) for rel, _, _ in list_images(root)]
-    sizes = [(size, mtime) for _, size, mtime in list_images(root)]
+    listed = list_images(root)
+    files, sizes = [str(root / rel) for rel, _, _ in listed], [(size, mtime) for _, size, mtime in listed]
     checks, datamodule = FileChecks(root, memo), hydra.utils.instantiate(cfg.data)
     runs = []
     gc.callbacks.append(lambda phase, info: runs.append(phase == "start"))
