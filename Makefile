@@ -19,8 +19,8 @@ install:  ## install torch, then this project with its dev tools and packaged of
 	    apt-get install -y -qq chromium chromium-driver; } || \
 	  echo "chromium not installed (no apt-get or not root): tests/test_serve.py skips the page test"
 
-test:  ## the whole test suite (offline, CPU only); lists the 25 slowest tests
-	$(PYTHON) -m pytest --durations=25 $(PYTEST_ARGS)
+test:  ## the whole test suite (offline, CPU only), one worker per core (at most 4); lists the 25 slowest tests
+	$(PYTHON) -m pytest -n auto --maxprocesses=4 --dist load --durations=25 $(PYTEST_ARGS)
 
 test-fast:  ## skip the slow tests (DDP, sweeps, export, end-to-end runs): under 3 minutes on 2 cores
 	$(PYTHON) -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
