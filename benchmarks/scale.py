@@ -3,6 +3,7 @@
     python benchmarks/scale.py                    # N = 10k and 100k images (about 20 min here)
     python benchmarks/scale.py --sizes 10000 50000 --stages listing checks_cold checks_warm startup
     python benchmarks/scale.py --sizes 10000 100000 1000000   # ImageNet-sized: ~6 GB in --work
+    python benchmarks/scale.py --sizes 100000 1000000 --repeat 3 --stages baseline listing checks_cold checks_warm startup
 
 For each N, folders of N small real JPEGs (48 px, ~1 kB, in max(10, N/1000) class folders, plus a
 test split of N/20) are written under --work (default: a temp dir, deleted after), then each stage
@@ -52,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["baseline", "listing", "checks_cold", "checks_warm", "startup", "add_one", "cache", "streaming", "frozen"]
+REPEATED = ["listing", "checks_warm", "startup"]  # they leave nothing behind that changes the next run
 TINY = ["model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.resize_size=32",
         "data.batch_size=256", "trainer.precision=32-true"]
 
@@ -250,7 +252,9 @@ def table(results: dict[int, dict[str, dict]]) -> tuple[list[str], float]:
             previous[stage] = per_image
             extra = (f" (features on {r['features_on']}: {r['feature_mb']:.0f} MiB; {r['feature_mb_on_disk']:.0f} MiB "
                      f"in feature_cache/; warm read {r['warm_read_s']:.1f} s)" if "features_on" in r else "")
-            lines.append(f"| {stage}{extra} | {n} | {r['wall_s']:.1f} | {r['stage_s']:.1f} | {r['rss_mb']:.0f} | "
+            runs = r.get("stage_s_runs", [])
+            spread = f" ({runs[0]:.1f}-{runs[-1]:.1f})" if len(runs) > 1 else ""
+            lines.append(f"| {stage}{extra} | {n} | {r['wall_s']:.1f} | {r['stage_s']:.1f}{spread} | {r['rss_mb']:.0f} | "
                          f"{per_image:.3f} | {net:.0f} | {net * 1024 / n:.2f} | "
                          f"{'-' if growth is None else f'{growth:.2f}'} |")
     return lines, worst
@@ -261,6 +265,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000],
                         help="numbers of train images; 1000000 needs ~6 GB of disk and about an hour")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help=f"run each of {', '.join(REPEATED)} this many times; the median counts, the range is shown")
     parser.add_argument("--work", type=Path, default=None, help="where the folders go (default: a temp dir)")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -282,7 +288,9 @@ def main() -> None:
             print(f"N={n}: wrote the folders in {time.perf_counter() - start:.0f} s", flush=True)
             results[n] = {}
             for stage in args.stages:
-                results[n][stage] = run_stage(stage, root, work)
+                runs = sorted((run_stage(stage, root, work) for _ in range(args.repeat if stage in REPEATED else 1)),
+                              key=lambda r: r["stage_s"])
+                results[n][stage] = {**runs[len(runs) // 2], "stage_s_runs": [r["stage_s"] for r in runs]}
                 print(f"N={n} {stage}: {json.dumps(results[n][stage])}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
     finally:

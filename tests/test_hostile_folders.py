@@ -152,6 +152,34 @@ def test_adding_one_file_checks_one_file_and_appends_to_the_memo_instead_of_rewr
     assert "checking" not in caplog.text
 
 
+def test_an_unchanged_folder_is_answered_without_the_per_file_memo_and_any_change_is_seen(tmp_path, caplog):
+    """A warm start-up of a million files loaded a million-entry memo (6 s, growing faster than N);
+    the summary answers an unchanged listing by its digest, and a changed file misses it."""
+    from finetune.data.file_checks import FileChecks
+    from finetune.data.file_walk import list_images
+
+    root = write_image_folder(tmp_path / "data", {"train": 5}, size=16)
+    bad = root / "train" / "circle" / "page.png"
+    bad.write_text("<html>not an image</html>")
+    memo_dir = tmp_path / "memo"
+
+    def check() -> dict[str, str]:
+        listed = list_images(root)
+        return FileChecks(root, memo_dir).unreadable([str(root / rel) for rel, _, _ in listed],
+                                                     [(size, mtime) for _, size, mtime in listed])
+
+    assert list(check()) == [str(bad)]
+    for per_file in [p for p in memo_dir.iterdir() if p.suffix in (".json", ".journal")]:
+        per_file.unlink()  # only the summary is left to answer
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert list(check()) == [str(bad)]
+    assert "checking" not in caplog.text, caplog.text
+    bad.write_bytes(next((root / "train" / "square").iterdir()).read_bytes())  # now a real image
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert check() == {}
+    assert "checking" in caplog.text
+
+
 def _collections_in_a_warm_start_up(make_cfg, tmp_path: Path, per_class: int) -> tuple[int, int]:
     """(garbage collections, files) while a warm folder is listed, checked and set up."""
     import gc
