@@ -33,7 +33,7 @@ if _WORKERS > 1:
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, _THREADS)
 
-from finetune.data.shapes import write_image_folder  # noqa: E402  (imports torch)
+from finetune.data.shapes import write_image_folder  # imports torch: after the thread settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
