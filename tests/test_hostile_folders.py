@@ -174,6 +174,7 @@ def test_an_unchanged_folder_is_answered_without_the_per_file_memo_and_any_chang
     with caplog.at_level(logging.INFO, logger="finetune"):
         assert list(check()) == [str(bad)]
     assert "checking" not in caplog.text, caplog.text
+    assert f"{len(list_images(root))} image files under {root} unchanged since they were last checked (1 unreadable" in caplog.text
     bad.write_bytes(next((root / "train" / "square").iterdir()).read_bytes())  # now a real image
     with caplog.at_level(logging.INFO, logger="finetune"):
         assert check() == {}

@@ -203,6 +203,8 @@ class FileChecks:
         paths = list(paths)
         digest = listing_digest(paths, sizes)
         if digest is not None and (known := self._load_summary(digest)) is not None:
+            log.info("%d image files under %s unchanged since they were last checked (%d unreadable; "
+                     "remembered in %s)", len(paths), self.root, len(known), self.summary)
             return known
         self._journal_lines, self._base_size = 0, 0
         memo = self._load_memo()
