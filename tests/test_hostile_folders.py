@@ -44,6 +44,36 @@ def test_symlink_loops_count_each_real_image_once_and_say_how_many_links_were_sk
     assert "skipped 3 links" in caplog.text, caplog.text
 
 
+def test_a_link_to_a_sibling_class_folder_does_not_relabel_that_class(make_cfg, tmp_path):
+    """`train/cross/twin -> ../square`: the walk used to enter `cross/twin` first (depth first, by
+    name) and skip the real `square/`, so square's images were listed, and labelled, as cross's."""
+    from finetune.data.file_walk import list_images
+
+    root = write_image_folder(tmp_path / "data", {"train": 6, "test": 2}, size=16)
+    os.symlink("../square", root / "train" / "cross" / "twin")
+    listed = [rel for rel, _, _ in list_images(root)]
+    assert sum(rel.startswith("train/square/") for rel in listed) == 6
+    assert not any(rel.startswith("train/cross/twin/") for rel in listed), listed
+    dm = _datamodule(make_cfg, root)
+    labels = [dm.datasets["train"].dataset.classes[t] for t in dm.datasets["train"].dataset.targets]
+    assert labels.count("square") == labels.count("cross") == 6
+
+
+def test_hard_links_and_links_to_files_are_listed_once_each(tmp_path):
+    """A folder with no file links is listed without an inode set; one link of either kind sends
+    it the careful way, so no image is counted twice."""
+    from finetune.data.file_walk import list_images
+
+    root = write_image_folder(tmp_path / "data", {"train": 3}, size=16)
+    plain = list_images(root)
+    assert len(plain) == 4 * 3
+    os.link(root / "train" / "circle" / "0000.png", root / "train" / "cross" / "hard.png")
+    assert len(list_images(root)) == len(plain), "a hard link counted twice"
+    os.unlink(root / "train" / "cross" / "hard.png")
+    os.symlink("../circle/0001.png", root / "train" / "square" / "soft.png")
+    assert len(list_images(root)) == len(plain), "a link to a file counted twice"
+
+
 FIFO_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path

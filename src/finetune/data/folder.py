@@ -30,7 +30,7 @@ LAYOUT = "expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (val/ opti
 
 
 def _has_image(folder: Path) -> bool:
-    return any(path.lower().endswith(IMG_EXTENSIONS) for path, _ in iter_files(folder))
+    return any(path.lower().endswith(IMG_EXTENSIONS) for path, _ in iter_files(folder, chunk=1))
 
 
 def scan_classes(split_dir: Path) -> list[str]:
@@ -169,7 +169,8 @@ class FolderDataModule(ImageDataModule):
         """{path: reason} for the image files under `root` that do not decode (checked in parallel
         once per run, remembered between runs in `cache_dir`, never written into `root`)."""
         if self._unreadable is None:
-            files = [os.path.join(self.root, rel) for rel, _, _ in self.listing()]
+            base = os.path.join(self.root, "")
+            files = [base + rel for rel, _, _ in self.listing()]
             sizes = [(size, mtime) for _, size, mtime in self.listing()]
             self._unreadable = FileChecks(self.root, self.cache_dir, available_cpus()).unreadable(files, sizes)
         return self._unreadable
@@ -186,7 +187,8 @@ class FolderDataModule(ImageDataModule):
         skipped = {path: why for path, why in self.unreadable().items() if path.startswith(prefix)}
         files = None
         if folder == self.root / split:  # the source itself: its files are listed already
-            files = [os.path.join(self.root, rel) for rel, _, _ in self.listing() if rel.startswith(f"{split}/")]
+            base, under = os.path.join(self.root, ""), f"{split}/"
+            files = [base + rel for rel, _, _ in self.listing() if rel.startswith(under)]
         return SkippingImageFolder(str(folder), split=split, skipped=skipped, report=self.skip_report,
                                    replace=split == "train", transform=transform, files=files,
                                    loader=decoder(self.preprocessing))

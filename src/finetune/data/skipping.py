@@ -106,7 +106,7 @@ class SkippingImageFolder(ImageFolder):
             valid = is_valid_file(path) if is_valid_file else has_file_allowed_extension(path, extensions or ())
             if rest and name in class_to_idx and valid:
                 samples.append((path, class_to_idx[name]))
-        samples.sort(key=lambda s: (s[1], os.path.dirname(s[0]), os.path.basename(s[0])))
+        samples.sort(key=lambda s: (s[1], s[0].rpartition(os.sep)))  # (class, folder, "/", name)
         return samples
 
     def __getitem__(self, index: int):

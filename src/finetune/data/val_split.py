@@ -42,7 +42,9 @@ def listing_names(dataset: Dataset) -> list[str] | None:
     root = getattr(dataset, "root", None)
     if samples is None or root is None:
         return None
-    return [Path(os.path.relpath(path, root)).as_posix() for path, _ in samples]
+    prefix = os.path.join(os.fspath(root), "")
+    return [path[len(prefix):].replace(os.sep, "/") if path.startswith(prefix)  # the listing's own paths
+            else Path(os.path.relpath(path, root)).as_posix() for path, _ in samples]
 
 
 def listing_digest(dataset: Dataset, names: Sequence[str] | None) -> str:
