@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import recipes  # noqa: E402
+import recipes
 
 
 def test_every_real_scale_validates_on_at_least_500_photos():
