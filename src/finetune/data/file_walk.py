@@ -134,26 +134,10 @@ def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[
     one `stat` and one record, and the inode set is built only when a file could be listed twice
     (a link, or a hard link): then the folder is listed again through `iter_files`.
     """
-    from finetune.data.progress import Progress
-
     walk = Walk()
     root_path = os.fspath(root)
     start = len(root_path.rstrip(os.sep)) + 1
-    entries: list[tuple[str, int, int]] = []
-    append = entries.append
-    twice = False  # a file that another entry may name too
-    with Progress(f"listing image files under {printable(root_path)}") as progress:
-        for folder, files in _folders(root_path, is_image, walk):
-            prefix = "" if folder == root_path else folder[start:].replace(os.sep, "/") + "/"
-            for name, st in files:
-                if st is None:
-                    append((prefix + name, -1, -1))
-                    continue
-                append((prefix + name, st.st_size, st.st_mtime_ns))
-                if st.st_nlink > 1:
-                    twice = True
-            twice = twice or walk.linked_files > 0
-            progress.advance(len(files))
+    entries, twice = _records(root_path, start, walk)
     if twice:  # the rare folder with file links: list it with the inode set, each real file once
         walk = Walk()
         entries = []
@@ -168,6 +152,28 @@ def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[
     return entries
 
 
+def _records(root_path: str, start: int, walk: Walk) -> tuple[list[tuple[str, int, int]], bool]:
+    """`list_images`'s records in walk order, and whether a file link or hard link was met (then
+    some file may be listed twice)."""
+    from finetune.data.progress import Progress
+
+    entries: list[tuple[str, int, int]] = []
+    append = entries.append
+    twice = False
+    with Progress(f"listing image files under {printable(root_path)}") as progress:
+        for folder, files in _folders(root_path, is_image, walk):
+            prefix = "" if folder == root_path else folder[start:].replace(os.sep, "/") + "/"
+            for name, st in files:
+                if st is None:
+                    append((prefix + name, -1, -1))
+                    continue
+                append((prefix + name, st.st_size, st.st_mtime_ns))
+                if st.st_nlink > 1:
+                    twice = True
+            progress.advance(len(files))
+    return entries, twice or walk.linked_files > 0
+
+
 def _folders(root: str | os.PathLike, keep, walk: Walk, chunk: int = 4096,
              ) -> Iterator[tuple[str, list[tuple[str, os.stat_result | None]]]]:
     """(folder, [(name, stat or None)]) for the files under `root` whose name passes `keep`: each
@@ -175,11 +181,9 @@ def _folders(root: str | os.PathLike, keep, walk: Walk, chunk: int = 4096,
     more than `chunk` files comes in several parts: a progress step each).
 
     Hidden folders are not entered. A folder reached through a link is entered unless its real
-    folder was already seen (a loop, a second link to the same folder; counted in
-    `walk.links_skipped`). A folder's subfolders are marked seen when it is read, so a real folder
-    wins over a link to it from deeper down. Special files (FIFOs, sockets) are listed, so the
-    checks report them as unreadable; an entry that cannot be stat'ed (a dangling link) too.
-    Links to files are counted in `walk.linked_files`: they can name a file twice.
+    folder was already seen (`_enter`). Special files (FIFOs, sockets) are listed, so the checks
+    report them as unreadable; an entry that cannot be stat'ed (a dangling link) too. Links to
+    files are counted in `walk.linked_files`: they can name a file twice.
     """
     try:
         st = os.stat(root)
@@ -189,14 +193,9 @@ def _folders(root: str | os.PathLike, keep, walk: Walk, chunk: int = 4096,
     stack = [os.fspath(root)]
     while stack:
         folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=_name)
-        except OSError:
-            continue
         files: list[tuple[str, os.stat_result | None]] = []
         subfolders = []
-        for entry in entries:
+        for entry in _sorted_entries(folder):
             try:
                 st = entry.stat()  # follows links
             except OSError:
@@ -204,23 +203,39 @@ def _folders(root: str | os.PathLike, keep, walk: Walk, chunk: int = 4096,
                     files.append((entry.name, None))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                if entry.name.startswith("."):
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen_dirs:
-                    walk.skip(entry.path)
-                    continue
-                seen_dirs.add(key)
-                subfolders.append(entry.path)
+                if _enter(entry, st, seen_dirs, walk):
+                    subfolders.append(entry.path)
             elif keep(entry.name):
                 files.append((entry.name, st))
-                if entry.is_symlink():
-                    walk.linked_files += 1
+                walk.linked_files += entry.is_symlink()
                 if len(files) == chunk:
                     yield folder, files
                     files = []
         yield folder, files
         stack.extend(reversed(subfolders))
+
+
+def _sorted_entries(folder: str) -> list[os.DirEntry]:
+    """The folder's entries by name; none when it cannot be read."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=_name)
+    except OSError:
+        return []
+
+
+def _enter(entry: os.DirEntry, st: os.stat_result, seen_dirs: set, walk: Walk) -> bool:
+    """Whether to walk into the subfolder `entry`: not hidden, and its real folder not seen yet
+    (else a loop or a second link to it, counted in `walk.links_skipped`). A folder's subfolders
+    are claimed when it is read, so a real folder wins over a link to it from deeper down."""
+    if entry.name.startswith("."):
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen_dirs:
+        walk.skip(entry.path)
+        return False
+    seen_dirs.add(key)
+    return True
 
 
 def _name(entry: os.DirEntry) -> str:
