@@ -133,15 +133,8 @@ class FileChecks:
         return data.get("unreadable")
 
     def _save_summary(self, digest: str, unreadable: dict[str, str]) -> None:
-        if self.summary is None:
-            return
-        try:
-            self.summary.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.summary.with_name(f".{self.summary.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"version": VERSION, "listing": digest, "unreadable": unreadable}))
-            os.replace(tmp, self.summary)
-        except OSError as e:
-            log.warning("could not remember file checks in %s (%s)", self.summary, e)
+        if self.summary is not None:
+            _write_json(self.summary, {"version": VERSION, "listing": digest, "unreadable": unreadable})
 
     def _load_memo(self) -> dict[str, list]:
         if self.memo is None or not self.memo.is_file():
@@ -182,16 +175,8 @@ class FileChecks:
         return True
 
     def _save_memo(self, entries: dict[str, list]) -> None:
-        if self.memo is None:
-            return
-        try:
-            self.memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.memo.with_name(f".{self.memo.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"version": VERSION, "files": entries}))
-            os.replace(tmp, self.memo)
+        if self.memo is not None and _write_json(self.memo, {"version": VERSION, "files": entries}):
             self.journal.unlink(missing_ok=True)
-        except OSError as e:  # a read-only cache dir costs a re-check next time, nothing else
-            log.warning("could not remember file checks in %s (%s)", self.memo, e)
 
     @paused_gc()
     def unreadable(self, paths: Iterable[str], sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, str]:
@@ -234,6 +219,20 @@ class FileChecks:
         if digest is not None:
             self._save_summary(digest, unreadable)
         return unreadable
+
+
+def _write_json(path: Path, data: dict) -> bool:
+    """`data` into `path` whole or not at all (a temp name, then renamed); False when it could not:
+    a read-only cache dir costs a re-check next time, nothing else."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        log.warning("could not remember file checks in %s (%s)", path, e)
+        return False
 
 
 def listing_digest(paths: Sequence[str], sizes: Sequence[tuple[int, int]] | None) -> str | None:

@@ -21,7 +21,7 @@ import gc
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -83,17 +83,27 @@ def iter_files(root: str | os.PathLike, keep=is_image, walk: Walk | None = None,
     skipped and counted in `walk.links_skipped`. `chunk`: files stat'ed ahead of the caller (1
     for a caller that stops at the first)."""
     walk = walk if walk is not None else Walk()
-    seen_files: set[tuple[int, int]] = set()
-    for folder, files in _folders(root, keep, walk, chunk):
+    for folder, files in _once_each(_folders(root, keep, walk, chunk), walk):
         for name, entry_stat in files:
-            path = os.path.join(folder, name)
+            yield os.path.join(folder, name), entry_stat
+
+
+def _once_each(folders: Iterable[tuple[str, list[tuple[str, os.stat_result | None]]]], walk: Walk,
+               ) -> Iterator[tuple[str, list[tuple[str, os.stat_result | None]]]]:
+    """`_folders`' output without the files already listed under another name (same device and
+    inode: a link to a file, a hard link), each counted in `walk.links_skipped`."""
+    seen: set[tuple[int, int]] = set()
+    for folder, files in folders:
+        kept = []
+        for name, entry_stat in files:
             if entry_stat is not None:
                 key = (entry_stat.st_dev, entry_stat.st_ino)
-                if key in seen_files:
-                    walk.skip(path)
+                if key in seen:
+                    walk.skip(os.path.join(folder, name))
                     continue
-                seen_files.add(key)
-            yield path, entry_stat
+                seen.add(key)
+            kept.append((name, entry_stat))
+        yield folder, kept
 
 
 def walk_files(root: str | os.PathLike, keep=is_image) -> Walk:
@@ -132,18 +142,14 @@ def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[
     Why it does not use `iter_files`: on a million files its per-file Python (a path joined and
     cut again, a million-entry set of inodes) grew faster than the files did. Here a file costs
     one `stat` and one record, and the inode set is built only when a file could be listed twice
-    (a link, or a hard link): then the folder is listed again through `iter_files`.
+    (a link, or a hard link): then the folder is listed again through `_once_each`.
     """
     walk = Walk()
     root_path = os.fspath(root)
-    start = len(root_path.rstrip(os.sep)) + 1
-    entries, twice = _records(root_path, start, walk)
+    entries, twice = _records(root_path, _folders(root_path, is_image, walk), walk)
     if twice:  # the rare folder with file links: list it with the inode set, each real file once
         walk = Walk()
-        entries = []
-        for path, st in iter_files(root_path, is_image, walk):
-            rel = path[start:].replace(os.sep, "/")
-            entries.append((rel, st.st_size, st.st_mtime_ns) if st is not None else (rel, -1, -1))
+        entries, _ = _records(root_path, _once_each(_folders(root_path, is_image, walk), walk), walk)
     if say_links and walk.links_skipped:
         log.warning("%s: skipped %d links to folders or files already listed (loops or duplicates, "
                     "e.g. %s); each image counts once", root, walk.links_skipped,
@@ -152,16 +158,18 @@ def list_images(root: str | os.PathLike, say_links: bool = False) -> list[tuple[
     return entries
 
 
-def _records(root_path: str, start: int, walk: Walk) -> tuple[list[tuple[str, int, int]], bool]:
-    """`list_images`'s records in walk order, and whether a file link or hard link was met (then
-    some file may be listed twice)."""
+def _records(root_path: str, folders: Iterable[tuple[str, list[tuple[str, os.stat_result | None]]]], walk: Walk,
+             ) -> tuple[list[tuple[str, int, int]], bool]:
+    """`list_images`'s records of `folders` (from `_folders` under `root_path`) in walk order, and
+    whether a file link or hard link was met (then some file may be listed twice)."""
     from finetune.data.progress import Progress
 
+    start = len(root_path.rstrip(os.sep)) + 1
     entries: list[tuple[str, int, int]] = []
     append = entries.append
     twice = False
     with Progress(f"listing image files under {printable(root_path)}") as progress:
-        for folder, files in _folders(root_path, is_image, walk):
+        for folder, files in folders:
             prefix = "" if folder == root_path else folder[start:].replace(os.sep, "/") + "/"
             for name, st in files:
                 if st is None:
